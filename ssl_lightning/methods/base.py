@@ -1,0 +1,254 @@
+"""The base every method stands on: backbone, optimiser and schedule, EMA weights, evaluation.
+
+A method subclasses :class:`Method`, declares the views it needs, and implements
+``compute_losses(batch) -> {"loss": total, <term>: value, ...}``. Everything else (the SGD recipe, the
+cosine schedule, EMA evaluation weights, metrics of both the EMA and the raw weights, pseudo-label
+diagnostics, the non-finite-loss guard) lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from ssl_lightning.components.ema import EMAWeights
+from ssl_lightning.data.module import StreamBatch
+from ssl_lightning.metrics.classification import classification_metrics
+from ssl_lightning.nets import build_backbone
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised before the optimiser step when a loss is NaN or infinite, so no weight is corrupted."""
+
+
+def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """The FixMatch schedule ``cos(7πk / 16K)`` (floored at 0), after an optional linear warm-up."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, math.cos(7.0 * math.pi * step / (16.0 * total_steps)))
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weights only: biases and every normalisation layer's parameters are exempt.
+
+    Selected by module type, not by parameter name, so norm layers under any name are caught.
+    """
+    decay, no_decay = [], []
+    for submodule in module.modules():
+        for name, parameter in submodule.named_parameters(recurse=False):
+            if not parameter.requires_grad:
+                continue
+            if isinstance(submodule, _NORM_LAYERS) or name == "bias" or parameter.ndim <= 1:
+                no_decay.append(parameter)
+            else:
+                decay.append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class Method(LightningModule):
+    """Shared plumbing of all methods.
+
+    Args:
+        num_classes, in_channels, image_size: filled in from the DataModule.
+        backbone: a registered backbone name (``ssl_lightning.nets.available_backbones()``).
+        backbone_args: extra keyword arguments of the backbone constructor.
+        lr: base learning rate ``lr_0``.
+        momentum, nesterov: SGD settings.
+        weight_decay: coupled L2 on weights (never on biases or normalisation layers).
+        schedule_steps: ``K`` of the cosine schedule (``None``: the trainer's ``max_steps``).
+        warmup_steps: linear learning-rate warm-up steps.
+        ema_decay: decay of the EMA evaluation weights (``None``: evaluate the raw weights only).
+        channels_last: use the channels-last memory format (faster convolutions on GPUs).
+    """
+
+    labeled_views: ClassVar[list[str]] = ["weak"]
+    unlabeled_views: ClassVar[list[str]] = []
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        image_size: int = 32,
+        backbone: str = "wrn28_2",
+        backbone_args: dict[str, Any] | None = None,
+        lr: float = 0.03,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        schedule_steps: int | None = None,
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.999,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.num_classes = num_classes
+        self.backbone = build_backbone(
+            backbone, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+            **(backbone_args or {}),
+        )
+        self.ema = EMAWeights(self.backbone, ema_decay) if ema_decay is not None else None
+        self.lr = lr
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
+        self.schedule_steps = schedule_steps
+        self.warmup_steps = warmup_steps
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        # Evaluation metrics per stream ("val", "test_monitor" during training; "test" at the end),
+        # for the EMA weights and the raw weights.
+        self.eval_metrics = nn.ModuleDict()
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.confusion_matrix: torch.Tensor | None = None
+
+    # ----- what a method implements --------------------------------------------------------------------
+    def compute_losses(self, batch: dict[str, StreamBatch]) -> dict[str, torch.Tensor]:
+        """Return ``{"loss": total}`` plus any named terms to log."""
+        raise NotImplementedError
+
+    # ----- forward helpers ---------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self._memory_format(images))
+
+    def _memory_format(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def forward_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Logits of several view batches from one forward pass (BatchNorm sees them together)."""
+        logits = self(torch.cat(views))
+        return list(logits.split([v.shape[0] for v in views]))
+
+    def evaluation_backbone(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.backbone
+
+    # ----- training --------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "request_views"):
+            datamodule.request_views(self.labeled_views, self.unlabeled_views)
+
+    def training_step(self, batch: dict[str, StreamBatch], batch_idx: int) -> torch.Tensor:
+        terms = self.compute_losses(batch)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {self.global_step} "
+                f"(terms: { {k: float(v) for k, v in terms.items()} }). No weight was updated with it; "
+                "the last checkpoint saved before this step is intact. Lower --model.lr, check the data, "
+                "or train in full precision (--trainer.precision=32-true)."
+            )
+        batch_size = batch["labeled"].targets.shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.backbone)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(
+            parameter_groups(self, self.weight_decay),
+            lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+        )
+        total = self.schedule_steps or self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError("the cosine schedule needs --model.schedule_steps or --trainer.max_steps > 0")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_factor(step, total, self.warmup_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- pseudo-label diagnostics ---------------------------------------------------------------
+    def log_pseudo_labels(
+        self, pseudo_labels: torch.Tensor, mask: torch.Tensor, hidden_targets: torch.Tensor
+    ) -> None:
+        """Mask rate, accuracy of accepted pseudo-labels against the hidden labels, per-class counts.
+
+        ``mask`` may be soft (weights in [0, 1]); a sample counts as accepted when its weight is > 0.
+        The hidden labels are read here and nowhere else.
+        """
+        with torch.no_grad():
+            weights = mask.float()
+            accepted = weights > 0
+            known = hidden_targets >= 0
+            correct = (pseudo_labels == hidden_targets) & known
+            stats = {
+                "train/mask_rate": weights.mean(),
+                "train/pseudo_label_acc": correct.float().sum() / known.sum().clamp(min=1),
+                "train/accepted_pseudo_label_acc": (correct & accepted).float().sum()
+                / (known & accepted).sum().clamp(min=1),
+            }
+            counts = torch.bincount(pseudo_labels[accepted], minlength=self.num_classes).float()
+            if self.num_classes <= 10:
+                stats.update({f"train/pseudo_label_count/{c}": counts[c] for c in range(self.num_classes)})
+            stats["train/pseudo_label_class_max_share"] = counts.max() / counts.sum().clamp(min=1)
+        self.log_dict(stats, batch_size=pseudo_labels.shape[0])
+
+    # ----- evaluation --------------------------------------------------------------------------------
+    def _metrics(self, stream: str, weights: str):  # noqa: ANN202
+        key = f"{stream}_{weights}"
+        if key not in self.eval_metrics:
+            self.eval_metrics[key] = classification_metrics(self.num_classes).to(self.device)
+        return self.eval_metrics[key]
+
+    def _eval_stream_name(self, dataloader_idx: int) -> str:
+        names = getattr(self.trainer.datamodule, "eval_streams", ["test"])
+        name = names[dataloader_idx]
+        return "test_monitor" if name == "test" else name
+
+    def _evaluate(self, batch: StreamBatch, stream: str) -> None:
+        images, targets = batch.views[0], batch.targets
+        raw_logits = self.backbone(self._memory_format(images)).float()
+        self._metrics(stream, "raw").update(raw_logits, targets)
+        if self.ema is not None:
+            ema_logits = self.ema(self._memory_format(images)).float()
+            self._metrics(stream, "ema").update(ema_logits, targets)
+        else:
+            ema_logits = raw_logits
+        if stream == "test":
+            self.test_confusion.update(ema_logits.argmax(dim=1), targets)
+
+    def _log_stream(self, stream: str) -> None:
+        for weights in ("ema", "raw"):
+            key = f"{stream}_{weights}"
+            if key not in self.eval_metrics:
+                continue
+            prefix = stream if weights == "ema" or self.ema is None else f"{stream}_raw"
+            if weights == "raw" and self.ema is not None or weights == "ema":
+                values = self.eval_metrics[key].compute()
+                self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=False)
+            self.eval_metrics[key].reset()
+
+    def validation_step(self, batch: StreamBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, self._eval_stream_name(dataloader_idx))
+
+    def on_validation_epoch_end(self) -> None:
+        for stream in ("val", "test_monitor"):
+            self._log_stream(stream)
+
+    def test_step(self, batch: StreamBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stream("test")
+        self.confusion_matrix = self.test_confusion.compute().cpu()
+        self.test_confusion.reset()
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy computed in float32 from log-softmax (stable under bf16 autocast)."""
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
