@@ -1,0 +1,1 @@
+"""Callbacks: throughput, figures and checkpoint safety."""

@@ -123,7 +123,11 @@ def read_idx(path: str | Path) -> np.ndarray:
             f"{path}: IDX dims {dims} need {expected} data bytes, file holds {len(data) - header}"
         )
     # Copy out of the immutable bytes buffer (and into native byte order) so tensors built on it are writable.
-    return np.frombuffer(data, dtype=dtype, offset=header).astype(dtype.newbyteorder("="), copy=True).reshape(dims)
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .astype(dtype.newbyteorder("="), copy=True)
+        .reshape(dims)
+    )
 
 
 def _idx_path(raw: Path, name: str) -> Path:
@@ -156,9 +160,13 @@ def read_mnist(root: str | Path, train: bool, download: bool = False) -> ArraySo
     images = read_idx(image_path)
     labels = read_idx(label_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise CorruptDatasetError(f"{image_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+        raise CorruptDatasetError(
+            f"{image_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}"
+        )
     if labels.ndim != 1 or len(labels) != len(images):
-        raise CorruptDatasetError(f"{label_path}: {labels.shape} labels for {len(images)} images in {image_path}")
+        raise CorruptDatasetError(
+            f"{label_path}: {labels.shape} labels for {len(images)} images in {image_path}"
+        )
     _check_labels(labels, 10, label_path)
     return ArraySource(images[:, None], labels.astype(np.int64))
 
@@ -173,7 +181,9 @@ def _load_cifar_pickle(path: Path) -> dict[str, Any]:
             # latin1 is the only codec that round-trips the Python 2 byte strings holding the pixel array.
             batch = pickle.load(f, encoding="latin1")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
-        raise CorruptDatasetError(f"{path}: not a readable CIFAR pickle ({type(err).__name__}: {err})") from err
+        raise CorruptDatasetError(
+            f"{path}: not a readable CIFAR pickle ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(batch, dict):
         raise CorruptDatasetError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
     # Pickles re-saved from Python 3 with bytes keys still load with bytes keys under latin1.
@@ -187,7 +197,9 @@ def _cifar_arrays(path: Path, label_keys: Sequence[str]) -> tuple[np.ndarray, li
         raise CorruptDatasetError(f"{path}: missing keys {missing}; found {sorted(batch)}")
     data = np.asarray(batch["data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise CorruptDatasetError(f"{path}: expected uint8 data of shape (N, 3072), got {data.dtype} {data.shape}")
+        raise CorruptDatasetError(
+            f"{path}: expected uint8 data of shape (N, 3072), got {data.dtype} {data.shape}"
+        )
     labels = [np.asarray(batch[k], dtype=np.int64) for k in label_keys]
     for key, lab in zip(label_keys, labels, strict=True):
         if lab.shape != (len(data),):
@@ -254,12 +266,16 @@ def read_svhn(root: str | Path, split: str, download: bool = False) -> ArraySour
     try:
         mat = loadmat(str(path), variable_names=["X", "y"])
     except Exception as err:  # scipy raises a zoo of types (ValueError, TypeError, OSError...) for bad files
-        raise CorruptDatasetError(f"{path}: not a readable MATLAB file ({type(err).__name__}: {err})") from err
+        raise CorruptDatasetError(
+            f"{path}: not a readable MATLAB file ({type(err).__name__}: {err})"
+        ) from err
     if "X" not in mat or "y" not in mat:
         raise CorruptDatasetError(f"{path}: expected variables 'X' and 'y', found {sorted(mat)}")
     x, y = mat["X"], mat["y"]
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
-        raise CorruptDatasetError(f"{path}: expected uint8 X of shape (32, 32, 3, N), got {x.dtype} {x.shape}")
+        raise CorruptDatasetError(
+            f"{path}: expected uint8 X of shape (32, 32, 3, N), got {x.dtype} {x.shape}"
+        )
     labels = np.asarray(y).reshape(-1)
     if len(labels) != x.shape[3]:
         raise CorruptDatasetError(f"{path}: y holds {len(labels)} labels for {x.shape[3]} images")
@@ -383,11 +399,15 @@ def read_image_folder(
     folder = base / split
     if not folder.is_dir():
         reason = " download=True cannot help: " if download else " "
-        raise DatasetNotFoundError(f"ImageNet not found: expected the directory {folder}.{reason}{_IMAGEFOLDER_HELP}")
+        raise DatasetNotFoundError(
+            f"ImageNet not found: expected the directory {folder}.{reason}{_IMAGEFOLDER_HELP}"
+        )
     reference = base / "train" if (base / "train").is_dir() else folder
     classes = _class_dirs(reference)
     if not classes:
-        raise DatasetNotFoundError(f"ImageNet not found: {reference} has no class folders. {_IMAGEFOLDER_HELP}")
+        raise DatasetNotFoundError(
+            f"ImageNet not found: {reference} has no class folders. {_IMAGEFOLDER_HELP}"
+        )
     index = {name: i for i, name in enumerate(classes)}
     present = _class_dirs(folder)
     unknown = [c for c in present if c not in index]

@@ -236,7 +236,7 @@ class SSLDataModule(LightningDataModule):
 
     # ----- loaders -----------------------------------------------------------------------------------
     def _world(self) -> tuple[int, int, int]:
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is None:
             return 0, 1, 0
         return trainer.global_rank, trainer.world_size, trainer.global_step

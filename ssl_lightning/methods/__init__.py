@@ -1,0 +1,7 @@
+"""Methods: one LightningModule per method, all on the shared :class:`Method` base."""
+
+from ssl_lightning.methods.base import Method, NonFiniteLossError
+from ssl_lightning.methods.fixmatch import FixMatch
+from ssl_lightning.methods.supervised import Supervised
+
+__all__ = ["FixMatch", "Method", "NonFiniteLossError", "Supervised"]

@@ -1,0 +1,231 @@
+"""Command line: ``python -m ssl_lightning fit --config experiments/<EXP>.yaml [overrides]``.
+
+A LightningCLI whose arguments come from the class signatures of the method, the DataModule and the
+Trainer, so an unknown or mistyped key fails before anything trains. On top of Lightning it gives every
+run its own directory ``runs/<experiment>/<timestamp>-<seed>/`` (resolved config, checkpoints, logs,
+``results.json``), tests the last weights (EMA and raw) after training, and prints the path of
+``results.json`` as its last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from ssl_lightning.callbacks.checkpointing import AtomicCheckpointIO, CheckpointError, check_checkpoint
+from ssl_lightning.callbacks.figures import ConfusionMatrixFigure
+from ssl_lightning.callbacks.throughput import TrainThroughput
+from ssl_lightning.data.formats import DatasetNotFoundError
+from ssl_lightning.data.module import SSLDataModule
+from ssl_lightning.data.splits import SplitFileError
+from ssl_lightning.methods.base import Method, NonFiniteLossError
+
+RUN_DIR_ENV = "SSL_LIGHTNING_RUN_DIR"
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    # Training is measured in optimiser steps over endless streams, never in epochs.
+    "max_epochs": -1,
+    "check_val_every_n_epoch": None,
+    # Our samplers shard the global batch and the evaluation sets themselves (no padded duplicates).
+    "use_distributed_sampler": False,
+    "num_sanity_val_steps": 0,
+}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _new_run_dir(run_root: str, experiment: str, seed: int) -> Path:
+    base = Path(run_root) / experiment
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = base / f"{stamp}-{seed}", 1
+    while candidate.exists():  # two runs started in the same second never share a directory
+        candidate, n = base / f"{stamp}-{seed}.{n}", n + 1
+    return candidate
+
+
+class SSLCLI(LightningCLI):
+    """LightningCLI with the project's run directory, loggers, callbacks and results contract."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self.run_dir: Path | None = None
+        self.results_path: Path | None = None
+        self._fit_started = 0.0
+        super().__init__(
+            model_class=Method,
+            datamodule_class=SSLDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--experiment", type=str, default="adhoc", help="name of the experiment (run folder)")
+        parser.add_argument("--run_root", type=str, default="runs", help="where run directories are created")
+        parser.add_argument("--wandb_project", type=str, default="ssl_lightning", help="W&B project")
+        for key in ("num_classes", "in_channels", "image_size"):
+            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+
+    # ----- run directory, loggers, callbacks --------------------------------------------------------
+    def _subconfig(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        config = self._subconfig()
+        # DDP children re-run this script; they inherit the directory rank 0 chose.
+        run_dir = os.environ.get(RUN_DIR_ENV)
+        if run_dir is None:
+            run_dir = str(_new_run_dir(config.run_root, config.experiment, config.seed_everything))
+            os.environ[RUN_DIR_ENV] = run_dir
+        self.run_dir = Path(run_dir)
+        config.trainer.default_root_dir = run_dir
+
+    def _loggers(self) -> list[Logger]:
+        assert self.run_dir is not None
+        loggers: list[Logger] = [CSVLogger(save_dir=str(self.run_dir), name="logs", version="")]
+        # W&B is the default logger, offline unless the environment says otherwise.
+        os.environ.setdefault("WANDB_MODE", "offline")
+        if os.environ["WANDB_MODE"] != "disabled":
+            try:
+                from lightning.pytorch.loggers import WandbLogger
+
+                loggers.append(
+                    WandbLogger(
+                        project=self._subconfig().wandb_project, name=self.run_dir.name,
+                        group=self._subconfig().experiment, save_dir=str(self.run_dir),
+                    )
+                )
+            except (ImportError, ModuleNotFoundError) as error:
+                print(f"W&B logging is off ({error}); the CSV log is still written.", file=sys.stderr)
+        return loggers
+
+    def _callbacks(self, has_val_split: bool) -> list[Callback]:
+        assert self.run_dir is not None
+        checkpoint_dir = str(self.run_dir / "checkpoints")
+        callbacks: list[Callback] = [
+            ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0, save_on_train_epoch_end=False),
+            TrainThroughput(),
+            ConfusionMatrixFigure(),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+        if has_val_split:
+            # "Best" exists only when selected on a validation split carved from the training data.
+            callbacks.append(
+                ModelCheckpoint(dirpath=checkpoint_dir, filename="best-val-acc", monitor="val/acc", mode="max",
+                                save_top_k=1, save_on_train_epoch_end=False)
+            )
+        return callbacks
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        datamodule = self.datamodule
+        has_val = isinstance(datamodule, SSLDataModule) and datamodule.split_spec.val_size > 0
+        callbacks = list(callbacks) + self._callbacks(has_val)
+        if config.get("logger") in (None, True):
+            config["logger"] = self._loggers()
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    # ----- fit hooks -----------------------------------------------------------------------------------
+    def before_fit(self) -> None:
+        ckpt_path = self._subconfig().get("ckpt_path")
+        if ckpt_path:
+            check_checkpoint(ckpt_path)
+        if self.trainer.is_global_zero and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, self.run_dir / "config.yaml", skip_none=False, overwrite=True,
+                             multifile=False)
+        self._fit_started = time.time()
+
+    def after_fit(self) -> None:
+        trainer, model, datamodule = self.trainer, self.model, self.datamodule
+        assert self.run_dir is not None
+        if trainer.interrupted:
+            path = self.run_dir / "checkpoints" / "interrupted.ckpt"
+            trainer.save_checkpoint(path)
+            print(f"Training was interrupted at step {trainer.global_step}; weights saved to {path}.\n"
+                  f"Resume with: --ckpt_path {path}", file=sys.stderr)
+            return
+        wall_time = time.time() - self._fit_started
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(last)
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        if trainer.is_global_zero:
+            self.results_path = self._write_results(wall_time)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                wandb.finish(quiet=True)
+        if trainer.is_global_zero:
+            print(self.results_path)
+
+    def _write_results(self, wall_time: float) -> Path:
+        trainer, model, datamodule = self.trainer, self.model, self.datamodule
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        test = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/")}
+        test_raw = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test_raw/")} or dict(test)
+        throughput = next((c for c in trainer.callbacks if isinstance(c, TrainThroughput)), None)
+        split = getattr(datamodule, "split", None)
+        spec = getattr(datamodule, "split_spec", None)
+        results = {
+            "experiment": self._subconfig().experiment,
+            "method": type(model).__name__.lower(),
+            "dataset": getattr(datamodule, "dataset_key", type(datamodule).__name__),
+            "num_labels": None if split is None else int(len(split.labeled_indices)),
+            "seed": self._subconfig().seed_everything,
+            "split_sha256": None if split is None else split.sha256,
+            "git_commit": git_commit(),
+            "global_step": trainer.global_step,
+            "wall_time_s": round(wall_time, 2),
+            "train_images_per_s": None if throughput is None else throughput.average(),
+            "test": test,
+            "test_raw": test_raw,
+            "label_protocol": None if spec is None else {
+                k: v for k, v in vars(spec).items() if k != "fixed_indices"
+            },
+            "devices": trainer.world_size,
+            "precision": str(trainer.precision),
+            "ckpt_path": str(self.run_dir / "checkpoints" / "last.ckpt") if self.run_dir else None,
+        }
+        path = self.run_dir / "results.json"
+        path.write_text(json.dumps(results, indent=2))
+        return path
+
+
+USER_ERRORS = (NonFiniteLossError, DatasetNotFoundError, SplitFileError, CheckpointError)
+
+
+def main(args: list[str] | None = None) -> int:
+    torch.set_float32_matmul_precision("high")
+    try:
+        SSLCLI(args=args)
+    except USER_ERRORS as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,23 @@
+"""Shared test setup: no W&B, few threads, generated datasets in the official formats."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def fixture_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every dataset, tiny, written once per session in its official on-disk format."""
+    from tests.fixtures.formats import write_all
+
+    root = tmp_path_factory.mktemp("datasets")
+    write_all(root)
+    return root

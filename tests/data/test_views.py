@@ -1,0 +1,337 @@
+"""Augmentation views: shapes, crop geometry, determinism, per-op sanity, Cutout and pickling."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_lightning.data.views import (
+    RANDAUG_OPS,
+    VIEW_NAMES,
+    Cutout,
+    RandAugment,
+    ViewConfig,
+    build_view,
+    view_throughput,
+)
+
+
+def _noise(channels: int, size: int, seed: int = 0, high: int = 256) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, high, (channels, size, size), dtype=torch.uint8, generator=generator)
+
+
+def _seeded(view, image: torch.Tensor, seed: int) -> torch.Tensor:  # noqa: ANN001 (any view)
+    # The DataModule's per-sample seeding: a forked global generator set to a known seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return view(image)
+
+
+@pytest.mark.parametrize("name", VIEW_NAMES)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [16, 32])
+def test_views_preserve_shape_and_dtype(name: str, channels: int, size: int) -> None:
+    view = build_view(name, ViewConfig(image_size=size, crop_pad=size // 8, hflip=True))
+    image = _noise(channels, size)
+    for seed in range(5):
+        out = _seeded(view, image, seed)
+        assert out.dtype == torch.uint8
+        assert out.shape == (channels, size, size)
+
+
+def test_weak_without_pad_or_flip_is_identity() -> None:
+    view = build_view("weak", ViewConfig(image_size=16, crop_pad=0, hflip=False))
+    image = _noise(3, 16)
+    for seed in range(5):
+        assert torch.equal(_seeded(view, image, seed), image)
+
+
+def test_weak_crop_is_a_window_of_the_reflect_padded_image() -> None:
+    pad, size = 4, 16
+    view = build_view("weak", ViewConfig(image_size=size, crop_pad=pad, hflip=False))
+    image = _noise(3, size)
+    # NumPy's "reflect" (edge not repeated) is the same mode as torch's, computed independently.
+    padded = torch.from_numpy(np.pad(image.numpy(), ((0, 0), (pad, pad), (pad, pad)), mode="reflect"))
+    offsets = set()
+    for seed in range(40):
+        out = _seeded(view, image, seed)
+        matches = [
+            (top, left)
+            for top in range(2 * pad + 1)
+            for left in range(2 * pad + 1)
+            if torch.equal(out, padded[:, top : top + size, left : left + size])
+        ]
+        assert matches, f"seed {seed}: crop is not a window of the padded image"
+        offsets.update(matches)
+    # The offset really is random: 40 draws over 81 offsets land on many of them.
+    assert len(offsets) > 15
+
+
+def test_weak_flip_is_random_and_horizontal() -> None:
+    view = build_view("weak", ViewConfig(image_size=16, crop_pad=0, hflip=True))
+    image = _noise(3, 16)
+    outcomes = []
+    for seed in range(20):
+        out = _seeded(view, image, seed)
+        if torch.equal(out, image):
+            outcomes.append("same")
+        else:
+            assert torch.equal(out, image.flip(-1))
+            outcomes.append("flipped")
+    assert set(outcomes) == {"same", "flipped"}
+
+
+@pytest.mark.parametrize("name", ["weak", "strong", "randaug"])
+def test_views_are_deterministic_under_the_torch_seed(name: str) -> None:
+    view = build_view(name, ViewConfig(image_size=32, crop_pad=4, hflip=True))
+    image = _noise(3, 32)
+    assert torch.equal(_seeded(view, image, 7), _seeded(view, image, 7))
+    outputs = [_seeded(view, image, seed) for seed in range(5)]
+    distinct = {tuple(out.flatten().tolist()) for out in outputs}
+    assert len(distinct) >= 4
+
+
+def test_strong_view_uses_only_the_torch_generator() -> None:
+    # Reseeding Python's and NumPy's generators must not change anything once torch is seeded.
+    import random
+
+    view = build_view("strong", ViewConfig(image_size=32, crop_pad=4, hflip=True))
+    image = _noise(3, 32)
+    random.seed(1)
+    np.random.seed(1)
+    first = _seeded(view, image, 3)
+    random.seed(2)
+    np.random.seed(2)
+    assert torch.equal(first, _seeded(view, image, 3))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("op", RANDAUG_OPS, ids=lambda op: op.name)
+def test_every_randaug_op_runs_at_its_range_ends(op, channels: int) -> None:  # noqa: ANN001
+    image = _noise(channels, 16)
+    fill = [0.0] * channels
+    for magnitude in (op.low, (op.low + op.high) / 2, op.high):
+        out = op.fn(image, magnitude, fill)
+        assert out.dtype == torch.uint8
+        assert out.shape == image.shape
+
+
+def test_randaug_op_list_and_ranges_match_the_spec() -> None:
+    ranges = {op.name: (op.low, op.high) for op in RANDAUG_OPS}
+    enhance = (0.05, 0.95)
+    assert ranges == {
+        "AutoContrast": (0.0, 1.0),
+        "Brightness": enhance,
+        "Color": enhance,
+        "Contrast": enhance,
+        "Equalize": (0.0, 1.0),
+        "Identity": (0.0, 1.0),
+        "Posterize": (4.0, 8.0),
+        "Rotate": (-30.0, 30.0),
+        "Sharpness": enhance,
+        "ShearX": (-0.3, 0.3),
+        "ShearY": (-0.3, 0.3),
+        "Solarize": (0.0, 256.0),
+        "TranslateX": (-0.3, 0.3),
+        "TranslateY": (-0.3, 0.3),
+    }
+
+
+def test_randaug_samples_with_replacement_within_ranges() -> None:
+    randaug = RandAugment(num_ops=3)
+    torch.manual_seed(0)
+    plans = [randaug.sample() for _ in range(2000)]
+    assert all(len(plan) == 3 for plan in plans)
+    seen = {index for plan in plans for index, _ in plan}
+    assert seen == set(range(len(RANDAUG_OPS)))
+    # With replacement, the same op appears twice in a plan about 20% of the time (1 - 13·12/14²).
+    repeats = sum(len({index for index, _ in plan}) < 3 for plan in plans)
+    assert 250 < repeats < 550
+    for plan in plans:
+        for index, magnitude in plan:
+            op = RANDAUG_OPS[index]
+            assert op.low <= magnitude <= op.high
+
+
+def _op(name: str):  # noqa: ANN202 (returns the op's callable)
+    return next(op.fn for op in RANDAUG_OPS if op.name == name)
+
+
+def test_posterize_keeps_the_top_bits() -> None:
+    image = torch.tensor([0b10110111, 0b00001111, 255, 0], dtype=torch.uint8).view(1, 2, 2)
+    out = _op("Posterize")(image, 4.9, [0.0])  # the draw is truncated to 4 bits
+    assert out.flatten().tolist() == [0b10110000, 0, 0b11110000, 0]
+
+
+def test_solarize_inverts_from_the_threshold_up() -> None:
+    image = torch.tensor([0, 127, 128, 255], dtype=torch.uint8).view(1, 2, 2)
+    solarize = _op("Solarize")
+    assert solarize(image, 128.0, [0.0]).flatten().tolist() == [0, 127, 127, 0]
+    assert solarize(image, 127.5, [0.0]).flatten().tolist() == [0, 127, 127, 0]
+    assert torch.equal(solarize(image, 0.0, [0.0]), 255 - image)
+    assert torch.equal(solarize(image, 255.9, [0.0]), image)
+
+
+def test_equalize_and_autocontrast_stretch_a_narrow_ramp() -> None:
+    # 32 grey levels 100..131, each covering one row: a low-contrast, evenly populated histogram.
+    ramp = torch.arange(100, 132, dtype=torch.uint8).view(32, 1).expand(32, 32)
+    image = torch.stack([ramp, ramp, ramp])
+    for name in ("Equalize", "AutoContrast"):
+        out = _op(name)(image, 0.5, [0.0, 0.0, 0.0])
+        levels = out[0, :, 0]
+        assert int(levels.min()) <= 8 and int(levels.max()) >= 240, name
+        # Equalize may saturate the top levels (as PIL's does), so the order is kept only weakly.
+        assert bool((levels[1:] >= levels[:-1]).all()), f"{name} must keep the order of grey levels"
+        assert len(levels.unique()) >= 24, name
+        assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+
+
+def test_color_is_identity_on_one_channel_images() -> None:
+    image = _noise(1, 16)
+    assert torch.equal(_op("Color")(image, 0.1, [0.0]), image)
+
+
+def test_geometric_ops_fill_uncovered_pixels() -> None:
+    image = torch.full((3, 16, 16), 200, dtype=torch.uint8)
+    fill = [7.0, 8.0, 9.0]
+    out = _op("TranslateX")(image, 0.25, fill)  # moves the content 4 px left
+    assert out[:, :, :12].eq(200).all()
+    assert out[:, :, 12:].eq(torch.tensor([7, 8, 9], dtype=torch.uint8).view(3, 1, 1)).all()
+    rotated = _op("Rotate")(image, 30.0, fill)
+    assert rotated[:, 0, 0].tolist() == [7, 8, 9]  # a corner is uncovered by any 30° rotation
+
+
+# The TorchSSL ops written with PIL, for parity: (PIL image, magnitude) -> PIL image.
+_PIL_REFERENCE = {
+    "AutoContrast": lambda im, v: _pil_ops().autocontrast(im),
+    "Brightness": lambda im, v: _pil_enhance().Brightness(im).enhance(v),
+    "Color": lambda im, v: _pil_enhance().Color(im).enhance(v),
+    "Contrast": lambda im, v: _pil_enhance().Contrast(im).enhance(v),
+    "Equalize": lambda im, v: _pil_ops().equalize(im),
+    "Identity": lambda im, v: im,
+    "Posterize": lambda im, v: _pil_ops().posterize(im, int(v)),
+    "Rotate": lambda im, v: im.rotate(v),
+    "Sharpness": lambda im, v: _pil_enhance().Sharpness(im).enhance(v),
+    "ShearX": lambda im, v: im.transform(im.size, _pil_image().AFFINE, (1, v, 0, 0, 1, 0)),
+    "ShearY": lambda im, v: im.transform(im.size, _pil_image().AFFINE, (1, 0, 0, v, 1, 0)),
+    "Solarize": lambda im, v: _pil_ops().solarize(im, v),
+    "TranslateX": lambda im, v: im.transform(im.size, _pil_image().AFFINE, (1, 0, v * im.size[0], 0, 1, 0)),
+    "TranslateY": lambda im, v: im.transform(im.size, _pil_image().AFFINE, (1, 0, 0, 0, 1, v * im.size[1])),
+}
+# Ops whose PIL version rounds differently (integer grey conversion, integer mean, cut-off rounding).
+_OFF_BY_ONE = {"AutoContrast", "Color", "Contrast"}
+
+
+def _pil_image():  # noqa: ANN202
+    return pytest.importorskip("PIL.Image")
+
+
+def _pil_ops():  # noqa: ANN202
+    return pytest.importorskip("PIL.ImageOps")
+
+
+def _pil_enhance():  # noqa: ANN202
+    return pytest.importorskip("PIL.ImageEnhance")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("op", RANDAUG_OPS, ids=lambda op: op.name)
+def test_randaug_ops_match_the_pil_reference(op, channels: int) -> None:  # noqa: ANN001
+    image_module = _pil_image()
+    generator = torch.Generator().manual_seed(1)
+    for trial in range(8):
+        image = torch.randint(0, 256, (channels, 32, 32), dtype=torch.uint8, generator=generator)
+        if trial % 2:
+            # A smooth image too: noise alone hides errors in ops that depend on neighbourhoods.
+            image = torch.nn.functional.avg_pool2d(image.float()[None], 5, 1, 2)[0].round().to(torch.uint8)
+        magnitude = op.low + (op.high - op.low) * float(torch.rand((), generator=generator))
+        array = image.permute(1, 2, 0).numpy()
+        pil = image_module.fromarray(array[:, :, 0] if channels == 1 else array)
+        expected = np.asarray(_PIL_REFERENCE[op.name](pil, magnitude)).reshape(32, 32, channels)
+        expected = torch.from_numpy(expected.copy()).permute(2, 0, 1)
+        diff = (op.fn(image, magnitude, [0.0] * channels).int() - expected.int()).abs()
+        if op.name == "Rotate":
+            # Nearest sampling breaks ties differently at a few pixel-centre boundaries.
+            assert diff.eq(0).float().mean() >= 0.99
+        elif op.name in _OFF_BY_ONE:
+            assert int(diff.max()) <= 1
+        else:
+            assert int(diff.max()) == 0, f"{op.name} at {magnitude:.3f}"
+
+
+def _cutout_box(image: torch.Tensor, out: torch.Tensor, fill: torch.Tensor) -> tuple[int, int]:
+    """Check ``out`` is ``image`` with one axis-aligned rectangle of ``fill``; return its (h, w)."""
+    changed = (out != image).any(0)
+    filled = out.eq(fill.view(-1, 1, 1)).all(0)
+    assert bool((changed <= filled).all()), "a changed pixel does not hold the fill value"
+    if not filled.any():
+        return 0, 0
+    rows, cols = filled.any(1), filled.any(0)
+    assert torch.equal(filled, rows[:, None] & cols[None, :]), "the filled region is not a rectangle"
+    assert torch.equal(out[:, ~filled], image[:, ~filled])
+    return int(rows.sum()), int(cols.sum())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cutout_fills_one_square_and_leaves_the_rest(channels: int) -> None:
+    size = 32
+    # Values below 100 never equal the grey fill, so the filled pixels are exactly the box.
+    image = _noise(channels, size, high=100)
+    cutout = Cutout(0.5, (125, 123, 114))
+    fill = torch.tensor([125, 123, 114] if channels == 3 else [121], dtype=torch.uint8)
+    sides = []
+    for seed in range(200):
+        out = _seeded(cutout, image, seed)
+        height, width = _cutout_box(image, out, fill)
+        assert height <= size // 2 and width <= size // 2
+        sides.append(max(height, width))
+    assert max(sides) >= 12  # large boxes do occur (the side is uniform up to half the image)
+
+
+def test_cutout_box_is_square_away_from_the_border() -> None:
+    cutout = Cutout(0.5)
+    for seed in range(200):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            top, left, bottom, right = cutout.sample(32, 32)
+        if top > 0 and left > 0 and bottom < 32 and right < 32:
+            assert bottom - top == right - left
+
+
+def test_strong_without_cutout_or_ops_is_weak() -> None:
+    config = ViewConfig(image_size=16, crop_pad=2, hflip=True, randaug_ops=0, cutout=0.0)
+    image = _noise(3, 16)
+    weak, strong = build_view("weak", config), build_view("strong", config)
+    for seed in range(5):
+        assert torch.equal(_seeded(weak, image, seed), _seeded(strong, image, seed))
+
+
+@pytest.mark.parametrize("name", VIEW_NAMES)
+def test_views_survive_pickling(name: str) -> None:
+    view = build_view(name, ViewConfig(image_size=32, crop_pad=4, hflip=True))
+    clone = pickle.loads(pickle.dumps(view))
+    image = _noise(3, 32)
+    assert torch.equal(_seeded(view, image, 11), _seeded(clone, image, 11))
+
+
+def test_unknown_view_name_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="unknown view 'medium'.*weak.*strong"):
+        build_view("medium", ViewConfig(image_size=32, crop_pad=4, hflip=True))
+
+
+def test_view_rejects_non_uint8_images() -> None:
+    view = build_view("weak", ViewConfig(image_size=16, crop_pad=2, hflip=False))
+    with pytest.raises(ValueError, match="uint8"):
+        view(torch.rand(3, 16, 16))
+
+
+def test_view_throughput_reports_a_rate_and_keeps_the_caller_rng() -> None:
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    rate = view_throughput("strong", ViewConfig(image_size=16, crop_pad=2, hflip=False), n_images=20, channels=1)
+    assert rate > 0
+    assert torch.equal(torch.get_rng_state(), state)
