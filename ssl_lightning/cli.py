@@ -23,7 +23,12 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from ssl_lightning.callbacks.checkpointing import AtomicCheckpointIO, CheckpointError, check_checkpoint
+from ssl_lightning.callbacks.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    RunCheckpoints,
+    check_checkpoint,
+)
 from ssl_lightning.callbacks.figures import ConfusionMatrixFigure
 from ssl_lightning.callbacks.throughput import TrainThroughput
 from ssl_lightning.data.formats import DatasetNotFoundError
@@ -96,8 +101,10 @@ class SSLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self._subconfig()
-        # DDP children re-run this script; they inherit the directory rank 0 chose.
-        run_dir = os.environ.get(RUN_DIR_ENV)
+        # DDP children (started by Lightning with LOCAL_RANK set) re-run this command; they inherit the
+        # directory rank 0 chose instead of making their own.
+        is_child = os.environ.get("LOCAL_RANK", "0") != "0"
+        run_dir = os.environ.get(RUN_DIR_ENV) if is_child else None
         if run_dir is None:
             run_dir = str(_new_run_dir(config.run_root, config.experiment, config.seed_everything))
             os.environ[RUN_DIR_ENV] = run_dir
@@ -127,7 +134,7 @@ class SSLCLI(LightningCLI):
         assert self.run_dir is not None
         checkpoint_dir = str(self.run_dir / "checkpoints")
         callbacks: list[Callback] = [
-            ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0, save_on_train_epoch_end=False),
+            RunCheckpoints(checkpoint_dir),
             TrainThroughput(),
             ConfusionMatrixFigure(),
             LearningRateMonitor(logging_interval="step"),
@@ -151,11 +158,16 @@ class SSLCLI(LightningCLI):
         config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
-    # ----- fit hooks -----------------------------------------------------------------------------------
-    def before_fit(self) -> None:
-        ckpt_path = self._subconfig().get("ckpt_path")
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters while parsing; refuse a bad file first.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path:
             check_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    # ----- fit hooks -----------------------------------------------------------------------------------
+    def before_fit(self) -> None:
         if self.trainer.is_global_zero and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, self.run_dir / "config.yaml", skip_none=False, overwrite=True,
@@ -165,12 +177,6 @@ class SSLCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
         assert self.run_dir is not None
-        if trainer.interrupted:
-            path = self.run_dir / "checkpoints" / "interrupted.ckpt"
-            trainer.save_checkpoint(path)
-            print(f"Training was interrupted at step {trainer.global_step}; weights saved to {path}.\n"
-                  f"Resume with: --ckpt_path {path}", file=sys.stderr)
-            return
         wall_time = time.time() - self._fit_started
         last = self.run_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(last)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -47,3 +49,28 @@ def check_checkpoint(path: str | Path) -> None:
             f"checkpoint {path} is not a Lightning training checkpoint (missing {', '.join(missing)}); "
             "only checkpoints written by a training run can be resumed."
         )
+
+
+class RunCheckpoints(Callback):
+    """``last.ckpt`` after every validation; ``interrupted.ckpt`` on Ctrl-C, with how to resume.
+
+    Only an interrupt is saved on an exception: after any other one (a NaN loss, say) the weights may
+    be the problem, so ``last.ckpt`` from the last validation stays the one to resume from.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
+            return
+        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        path = self.dirpath / "interrupted.ckpt"
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            print(f"\nInterrupted at step {trainer.global_step}; weights saved to {path}.\n"
+                  f"Resume with the same command plus --ckpt_path={path}", file=sys.stderr)

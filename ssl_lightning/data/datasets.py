@@ -130,8 +130,12 @@ class ImageNetDataModule(SSLDataModule):
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 
-    def __init__(self, num_classes: int = 1000, train_resize: int = 256, crop_pad: int | None = 0, **kwargs) -> None:
+    def __init__(
+        self, num_classes: int = 1000, image_size: int = 224, train_resize: int = 256, crop_pad: int | None = 0,
+        **kwargs,
+    ) -> None:
         self.num_classes = num_classes
+        self.image_size = image_size
         self.train_resize = train_resize
         super().__init__(crop_pad=crop_pad, **kwargs)
 

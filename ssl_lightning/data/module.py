@@ -20,7 +20,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_lightning.data.sampling import Draw, GlobalBatchStream, ShardedEvalSampler, augmentation_seed, seeded_call
+from ssl_lightning.data.sampling import (
+    Draw,
+    GlobalBatchStream,
+    ShardedEvalSampler,
+    augmentation_seed,
+    seeded_call,
+)
 from ssl_lightning.data.sources import ConcatSource, ImageSource, SubsetSource
 from ssl_lightning.data.splits import Split, SplitSpec, load_or_create_split
 from ssl_lightning.data.views import ViewConfig, build_view

@@ -401,7 +401,11 @@ def view_throughput(view_name: str, config: ViewConfig, n_images: int = 2000, ch
     view = build_view(view_name, config)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(
-        0, 256, (n_images, channels, config.image_size, config.image_size), dtype=torch.uint8, generator=generator
+        0,
+        256,
+        (n_images, channels, config.image_size, config.image_size),
+        dtype=torch.uint8,
+        generator=generator,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ssl_lightning.components.ema import EMAWeights
 from ssl_lightning.data.module import StreamBatch
 from ssl_lightning.metrics.classification import classification_metrics
 from ssl_lightning.nets import build_backbone
-from torchmetrics.classification import MulticlassConfusionMatrix
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 

@@ -125,9 +125,7 @@ class Backbone(nn.Module):
 
         target = self._pretrained_target()
         expected = {k: v for k, v in target.state_dict().items() if not k.startswith("head.")}
-        missing = sorted(
-            k for k in expected if k not in state and not k.endswith("num_batches_tracked")
-        )
+        missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
         unexpected = sorted(k for k in state if k not in expected)
         mismatched = sorted(
             f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -147,9 +145,7 @@ class Backbone(nn.Module):
         to_load = {k: v for k, v in state.items() if k in expected}
         with torch.no_grad():
             target.load_state_dict(to_load, strict=False)
-        report = PretrainedReport(
-            path=str(path), sha256=digest, loaded=len(to_load), ignored=sorted(ignored)
-        )
+        report = PretrainedReport(path=str(path), sha256=digest, loaded=len(to_load), ignored=sorted(ignored))
         log.info(
             "loaded %d tensors from %s (sha256 %s); ignored %d keys",
             report.loaded,

@@ -20,9 +20,7 @@ class SmallCNN(Backbone):
     image, so the 3-minute CPU demos stay well inside budget.
     """
 
-    def __init__(
-        self, num_classes: int, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128)
-    ) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128)) -> None:
         super().__init__()
         if not widths:
             raise ValueError("widths must name at least one block")

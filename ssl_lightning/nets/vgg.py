@@ -91,8 +91,6 @@ class VGG4(Backbone):
 
 
 @register_backbone("vgg4")
-def vgg4(
-    num_classes: int, in_channels: int = 3, image_size: int = 32, variant: str | None = None
-) -> VGG4:
+def vgg4(num_classes: int, in_channels: int = 3, image_size: int = 32, variant: str | None = None) -> VGG4:
     """VGG4; `variant` in {mnist, cifar, stl}, chosen from `image_size` when None."""
     return VGG4(num_classes, in_channels, image_size, variant)

@@ -101,9 +101,7 @@ class TimmViT(Backbone):
             old_tokens = pos.shape[1] - num_prefix
             side = math.isqrt(old_tokens)
             if side * side != old_tokens:
-                raise RuntimeError(
-                    f"pos_embed in the file has {old_tokens} patch tokens, not a square grid"
-                )
+                raise RuntimeError(f"pos_embed in the file has {old_tokens} patch tokens, not a square grid")
             state = dict(state)
             state["pos_embed"] = resample_abs_pos_embed(
                 pos,

@@ -39,9 +39,7 @@ _USB_RENAMES: tuple[tuple[str, str], ...] = (
 
 
 class _BasicBlock(nn.Module):
-    def __init__(
-        self, in_ch: int, out_ch: int, stride: int, bn_momentum: float, drop_rate: float
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int, bn_momentum: float, drop_rate: float) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_ch, momentum=bn_momentum, eps=_BN_EPS)
         self.act1 = nn.LeakyReLU(_LEAKY_SLOPE)
@@ -80,9 +78,7 @@ class WideResNet(Backbone):
         super().__init__()
         blocks_total = depth - 1 - num_stages
         if blocks_total <= 0 or blocks_total % (2 * num_stages):
-            raise ValueError(
-                f"depth {depth} is not 1 + 2·n·S + S for S={num_stages} stages and integer n"
-            )
+            raise ValueError(f"depth {depth} is not 1 + 2·n·S + S for S={num_stages} stages and integer n")
         n = blocks_total // (2 * num_stages)
         widths = [16] + [16 * widen_factor * 2**i for i in range(num_stages)]
 

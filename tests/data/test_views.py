@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageEnhance, ImageOps  # a torchvision dependency; the reference ops are PIL's
 
 from ssl_lightning.data.views import (
     RANDAUG_OPS,
     VIEW_NAMES,
     Cutout,
     RandAugment,
+    RandAugOp,
     ViewConfig,
     build_view,
     view_throughput,
@@ -24,7 +27,7 @@ def _noise(channels: int, size: int, seed: int = 0, high: int = 256) -> torch.Te
     return torch.randint(0, high, (channels, size, size), dtype=torch.uint8, generator=generator)
 
 
-def _seeded(view, image: torch.Tensor, seed: int) -> torch.Tensor:  # noqa: ANN001 (any view)
+def _seeded(view: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int) -> torch.Tensor:
     # The DataModule's per-sample seeding: a forked global generator set to a known seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -111,7 +114,7 @@ def test_strong_view_uses_only_the_torch_generator() -> None:
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("op", RANDAUG_OPS, ids=lambda op: op.name)
-def test_every_randaug_op_runs_at_its_range_ends(op, channels: int) -> None:  # noqa: ANN001
+def test_every_randaug_op_runs_at_its_range_ends(op: RandAugOp, channels: int) -> None:
     image = _noise(channels, 16)
     fill = [0.0] * channels
     for magnitude in (op.low, (op.low + op.high) / 2, op.high):
@@ -157,7 +160,7 @@ def test_randaug_samples_with_replacement_within_ranges() -> None:
             assert op.low <= magnitude <= op.high
 
 
-def _op(name: str):  # noqa: ANN202 (returns the op's callable)
+def _op(name: str) -> Callable[[torch.Tensor, float, list[float]], torch.Tensor]:
     return next(op.fn for op in RANDAUG_OPS if op.name == name)
 
 
@@ -207,41 +210,28 @@ def test_geometric_ops_fill_uncovered_pixels() -> None:
 
 # The TorchSSL ops written with PIL, for parity: (PIL image, magnitude) -> PIL image.
 _PIL_REFERENCE = {
-    "AutoContrast": lambda im, v: _pil_ops().autocontrast(im),
-    "Brightness": lambda im, v: _pil_enhance().Brightness(im).enhance(v),
-    "Color": lambda im, v: _pil_enhance().Color(im).enhance(v),
-    "Contrast": lambda im, v: _pil_enhance().Contrast(im).enhance(v),
-    "Equalize": lambda im, v: _pil_ops().equalize(im),
+    "AutoContrast": lambda im, v: ImageOps.autocontrast(im),
+    "Brightness": lambda im, v: ImageEnhance.Brightness(im).enhance(v),
+    "Color": lambda im, v: ImageEnhance.Color(im).enhance(v),
+    "Contrast": lambda im, v: ImageEnhance.Contrast(im).enhance(v),
+    "Equalize": lambda im, v: ImageOps.equalize(im),
     "Identity": lambda im, v: im,
-    "Posterize": lambda im, v: _pil_ops().posterize(im, int(v)),
+    "Posterize": lambda im, v: ImageOps.posterize(im, int(v)),
     "Rotate": lambda im, v: im.rotate(v),
-    "Sharpness": lambda im, v: _pil_enhance().Sharpness(im).enhance(v),
-    "ShearX": lambda im, v: im.transform(im.size, _pil_image().AFFINE, (1, v, 0, 0, 1, 0)),
-    "ShearY": lambda im, v: im.transform(im.size, _pil_image().AFFINE, (1, 0, 0, v, 1, 0)),
-    "Solarize": lambda im, v: _pil_ops().solarize(im, v),
-    "TranslateX": lambda im, v: im.transform(im.size, _pil_image().AFFINE, (1, 0, v * im.size[0], 0, 1, 0)),
-    "TranslateY": lambda im, v: im.transform(im.size, _pil_image().AFFINE, (1, 0, 0, 0, 1, v * im.size[1])),
+    "Sharpness": lambda im, v: ImageEnhance.Sharpness(im).enhance(v),
+    "ShearX": lambda im, v: im.transform(im.size, Image.AFFINE, (1, v, 0, 0, 1, 0)),
+    "ShearY": lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, 0, v, 1, 0)),
+    "Solarize": lambda im, v: ImageOps.solarize(im, v),
+    "TranslateX": lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, v * im.size[0], 0, 1, 0)),
+    "TranslateY": lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, 0, 0, 1, v * im.size[1])),
 }
 # Ops whose PIL version rounds differently (integer grey conversion, integer mean, cut-off rounding).
 _OFF_BY_ONE = {"AutoContrast", "Color", "Contrast"}
 
 
-def _pil_image():  # noqa: ANN202
-    return pytest.importorskip("PIL.Image")
-
-
-def _pil_ops():  # noqa: ANN202
-    return pytest.importorskip("PIL.ImageOps")
-
-
-def _pil_enhance():  # noqa: ANN202
-    return pytest.importorskip("PIL.ImageEnhance")
-
-
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("op", RANDAUG_OPS, ids=lambda op: op.name)
-def test_randaug_ops_match_the_pil_reference(op, channels: int) -> None:  # noqa: ANN001
-    image_module = _pil_image()
+def test_randaug_ops_match_the_pil_reference(op: RandAugOp, channels: int) -> None:
     generator = torch.Generator().manual_seed(1)
     for trial in range(8):
         image = torch.randint(0, 256, (channels, 32, 32), dtype=torch.uint8, generator=generator)
@@ -250,7 +240,7 @@ def test_randaug_ops_match_the_pil_reference(op, channels: int) -> None:  # noqa
             image = torch.nn.functional.avg_pool2d(image.float()[None], 5, 1, 2)[0].round().to(torch.uint8)
         magnitude = op.low + (op.high - op.low) * float(torch.rand((), generator=generator))
         array = image.permute(1, 2, 0).numpy()
-        pil = image_module.fromarray(array[:, :, 0] if channels == 1 else array)
+        pil = Image.fromarray(array[:, :, 0] if channels == 1 else array)
         expected = np.asarray(_PIL_REFERENCE[op.name](pil, magnitude)).reshape(32, 32, channels)
         expected = torch.from_numpy(expected.copy()).permute(2, 0, 1)
         diff = (op.fn(image, magnitude, [0.0] * channels).int() - expected.int()).abs()
@@ -332,6 +322,8 @@ def test_view_rejects_non_uint8_images() -> None:
 def test_view_throughput_reports_a_rate_and_keeps_the_caller_rng() -> None:
     torch.manual_seed(5)
     state = torch.get_rng_state()
-    rate = view_throughput("strong", ViewConfig(image_size=16, crop_pad=2, hflip=False), n_images=20, channels=1)
+    rate = view_throughput(
+        "strong", ViewConfig(image_size=16, crop_pad=2, hflip=False), n_images=20, channels=1
+    )
     assert rate > 0
     assert torch.equal(torch.get_rng_state(), state)

@@ -59,7 +59,10 @@ def test_unknown_kwarg_names_the_key() -> None:
 
 # The two large nets run once (RGB); their grey path is the same code as wrn28_2's / resnet18's.
 SHAPE_CASES = [
-    (name, ch) for name in sorted(SMALL_CONFIGS) for ch in (1, 3) if ch == 3 or name not in ("wrn28_8", "resnet50")
+    (name, ch)
+    for name in sorted(SMALL_CONFIGS)
+    for ch in (1, 3)
+    if ch == 3 or name not in ("wrn28_8", "resnet50")
 ]
 
 
@@ -242,7 +245,9 @@ def test_pretrained_scan_style_resnet(tmp_path: Path) -> None:
     fresh = build_backbone("resnet18", num_classes=10, cifar_stem=True)
     report = fresh.load_pretrained(path)
     assert report.ignored == ["contrastive_head.0.weight"]
-    torch.testing.assert_close(fresh.encoder.layer2[0].downsample[0].weight, source.encoder.layer2[0].downsample[0].weight)
+    torch.testing.assert_close(
+        fresh.encoder.layer2[0].downsample[0].weight, source.encoder.layer2[0].downsample[0].weight
+    )
 
 
 def test_pretrained_usb_style_wrn(tmp_path: Path) -> None:
@@ -303,7 +308,9 @@ def test_vit_pos_embed_is_resampled(tmp_path: Path) -> None:
     # A 4×4 patch grid in the file (16 px, patch 4), an 8×8 grid in the model (32 px, patch 4).
     small = build_backbone("vit_tiny", num_classes=10, image_size=16, patch_size=4, depth=1)
     path = _save({"model": small.encoder.state_dict()}, tmp_path / "vit.pth")
-    big = build_backbone("vit_tiny", num_classes=10, image_size=32, patch_size=4, depth=1, pretrained_path=path)
+    big = build_backbone(
+        "vit_tiny", num_classes=10, image_size=32, patch_size=4, depth=1, pretrained_path=path
+    )
     file_pos = small.encoder.pos_embed.detach()
     assert big.encoder.pos_embed.shape == (1, 1 + 64, 192)
     expected = resample_abs_pos_embed(file_pos, new_size=[8, 8], old_size=[4, 4], num_prefix_tokens=1)
@@ -322,7 +329,8 @@ def test_vit_defaults() -> None:
     assert vit.patch_size == 2 and vit.num_features == 384
     assert vit.encoder.patch_embed.grid_size == (16, 16)
     assert build_backbone("vit_base", num_classes=10, image_size=96, depth=1).patch_size == 16
-    assert build_backbone("vit_tiny", num_classes=10, drop_path_rate=0.1, depth=2).encoder.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+    dp = build_backbone("vit_tiny", num_classes=10, drop_path_rate=0.1, depth=2)
+    assert dp.encoder.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
     with pytest.raises(ValueError, match="not a multiple"):
         build_backbone("vit_tiny", num_classes=10, image_size=30, patch_size=4, depth=1)
 

@@ -1,0 +1,82 @@
+"""Running the CLI in-process from tests, with configs shrunk to the generated datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from ssl_lightning.cli import main
+from ssl_lightning.methods import FixMatch
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
+
+# Labels that fit the generated datasets (a few images per class), per DataModule.
+_TINY_LABELS = {"CIFAR100DataModule": 100, "ImageNetDataModule": 3}
+
+
+def experiment_config(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
+
+
+def tiny_overrides(name: str, data_root: Path) -> list[str]:
+    """Overrides that keep an experiment's method and backbone but fit it to the generated files."""
+    config = experiment_config(name)
+    data_class = config["data"]["class_path"].rsplit(".", 1)[1]
+    overrides = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
+                 "--data.num_workers=0"]
+    if data_class == "DigitsDataModule":
+        return [*overrides, f"--data.data_dir={data_root}"]
+    labels = config["data"]["init_args"].get("num_labels")
+    if labels is not None:
+        overrides.append(f"--data.num_labels={_TINY_LABELS.get(data_class, 20)}")
+    if data_class == "ImageNetDataModule":
+        overrides += [f"--data.data_dir={data_root / 'imagenet'}", "--data.num_classes=3"]
+    else:
+        overrides.append(f"--data.data_dir={data_root}")
+    return [*overrides, "--data.batch_size=2", "--data.mu=1", "--data.eval_batch_size=4"]
+
+
+def run_cli(args: list[str], run_root: Path) -> tuple[int, Path | None]:
+    """Run ``fit`` in-process; return the exit code and the results.json path (if one was written)."""
+    code = main(["fit", *args, f"--run_root={run_root}"])
+    found = sorted(run_root.rglob("results.json"), key=lambda p: p.stat().st_mtime)
+    return code, (found[-1] if found else None)
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+class FixMatchNaNAt(FixMatch):
+    """FixMatch whose loss turns NaN from ``nan_at_step`` on (to test the non-finite-loss guard)."""
+
+    def __init__(self, nan_at_step: int = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.nan_at_step = nan_at_step
+
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        terms = super().compute_losses(batch)
+        if self.global_step >= self.nan_at_step:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+
+class InterruptAt(Callback):
+    """Raises KeyboardInterrupt (as Ctrl-C would) when training reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

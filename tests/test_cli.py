@@ -1,0 +1,82 @@
+"""The command-line contract: configs, run directories, results.json, and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import EXPERIMENTS, REPO, read_results, run_cli, tiny_overrides
+
+RESULT_KEYS = {
+    "experiment", "method", "dataset", "num_labels", "seed", "split_sha256", "git_commit", "global_step",
+    "wall_time_s", "train_images_per_s", "test", "test_raw",
+}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_fast_dev_run_every_experiment(name: str, fixture_data: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    code, results = run_cli(
+        ["--config", str(REPO / "experiments" / f"{name}.yaml"), "--trainer.fast_dev_run=1",
+         *tiny_overrides(name, fixture_data)],
+        tmp_path,
+    )
+    assert code == 0 and results is not None
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(results)
+    payload = read_results(results)
+    assert payload.keys() >= RESULT_KEYS
+    assert payload["experiment"] == name and payload["global_step"] == 1
+    assert 0.0 <= payload["test"]["acc"] <= 1.0 and "acc" in payload["test_raw"]
+    assert results.parent.parent.name == name and results.parent.name.endswith(f"-{payload['seed']}")
+    assert (results.parent / "config.yaml").is_file()
+
+
+def test_unknown_key_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_cli(["--config", str(REPO / "experiments/fixmatch_digits_40.yaml"), "--model.lamda_u=2"], tmp_path)
+    assert info.value.code != 0
+    assert "lamda_u" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_unknown_key_in_yaml_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = (REPO / "experiments/fixmatch_digits_40.yaml").read_text().replace("threshold:", "treshold:")
+    path = tmp_path / "bad.yaml"
+    path.write_text(config)
+    with pytest.raises(SystemExit):
+        run_cli(["--config", str(path)], tmp_path)
+    assert "treshold" in capsys.readouterr().err
+
+
+def test_unknown_experiment_lists_available() -> None:
+    out = subprocess.run(["make", "-s", "train", "EXP=no_such_experiment"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert out.returncode != 0
+    assert "Unknown experiment 'no_such_experiment'" in out.stdout and "fixmatch_digits_40" in out.stdout
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no_data_here"
+    code, results = run_cli(
+        ["--config", str(REPO / "experiments/fixmatch_cifar10_40.yaml"), "--trainer.fast_dev_run=1",
+         "--trainer.accelerator=cpu", f"--data.data_dir={missing}", "--data.num_workers=0"],
+        tmp_path,
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and results is None
+    assert str(missing) in err and "--data.download=true" in err
+
+
+def test_corrupt_checkpoint_is_refused_and_left_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corrupt = tmp_path / "last.ckpt"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    code, results = run_cli(
+        ["--config", str(REPO / "experiments/fixmatch_digits_40.yaml"), f"--data.data_dir={tmp_path}",
+         f"--ckpt_path={corrupt}"],
+        tmp_path / "runs",
+    )
+    assert code == 1 and results is None
+    assert "could not be read" in capsys.readouterr().err
+    assert corrupt.read_bytes() == b"this is not a checkpoint"

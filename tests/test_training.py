@@ -1,0 +1,91 @@
+"""Training-loop guarantees: exact resume, NaN guard, and GPU-count-invariant DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO, checkpoint_weights, read_results, run_cli
+
+DIGITS = str(REPO / "experiments/fixmatch_digits_40.yaml")
+
+
+def _short(tmp_path: Path, steps: int) -> list[str]:
+    # The schedule length is pinned so a shorter run and a longer one share the same learning rates.
+    return ["--config", DIGITS, f"--data.data_dir={tmp_path}", "--model.schedule_steps=8",
+            f"--trainer.max_steps={steps}", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false"]
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    code, full = run_cli(_short(tmp_path, 8), tmp_path / "full")
+    assert code == 0 and full is not None
+
+    interrupt = '[{"class_path": "tests.helpers.InterruptAt", "init_args": {"step": 5}}]'
+    with pytest.raises(SystemExit):
+        run_cli([*_short(tmp_path, 8), f"--trainer.callbacks={interrupt}"], tmp_path / "cut")
+    saved = next((tmp_path / "cut").rglob("interrupted.ckpt"))
+    assert torch.load(saved, map_location="cpu", weights_only=False)["global_step"] == 5
+
+    code, resumed = run_cli([*_short(tmp_path, 8), f"--ckpt_path={saved}"], tmp_path / "resumed")
+    assert code == 0 and resumed is not None
+    assert read_results(resumed)["global_step"] == 8
+    _assert_same_weights(
+        checkpoint_weights(full.parent / "checkpoints/last.ckpt"),
+        checkpoint_weights(resumed.parent / "checkpoints/last.ckpt"),
+    )
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, results = run_cli(
+        [*_short(tmp_path, 8), "--model.class_path=tests.helpers.FixMatchNaNAt", "--model.nan_at_step=3"],
+        tmp_path / "runs",
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and results is None
+    assert "became nan at step 3" in err and "last checkpoint" in err
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def _train_subprocess(run_root: Path, data_dir: Path, devices: int) -> Path:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    command = [
+        sys.executable, "-m", "ssl_lightning", "fit", "--config", DIGITS, f"--run_root={run_root}",
+        f"--data.data_dir={data_dir}", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+        "--trainer.enable_progress_bar=false", "--trainer.sync_batchnorm=true", f"--trainer.devices={devices}",
+        "--trainer.strategy=" + ("ddp" if devices > 1 else "auto"),
+    ]
+    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.ddp
+def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path: Path) -> None:
+    """Same global batch (B=16, mu=3) on 1 process and on 2 gloo processes: same weights, EMA and BN state."""
+    single = _train_subprocess(tmp_path / "single", tmp_path, devices=1)
+    double = _train_subprocess(tmp_path / "double", tmp_path, devices=2)
+    assert read_results(double)["devices"] == 2
+    a = checkpoint_weights(single.parent / "checkpoints/last.ckpt")
+    b = checkpoint_weights(double.parent / "checkpoints/last.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    # Test metrics are computed over the full test set exactly once on either layout.
+    assert read_results(single)["test"]["acc"] == pytest.approx(read_results(double)["test"]["acc"], abs=1e-6)
