@@ -21,3 +21,11 @@ def fixture_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("datasets")
     write_all(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def supervised_digits_40(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The supervised baseline every digits gate compares against, trained once per session."""
+    from tests.helpers import GATE_SEEDS, train_digits
+
+    return train_digits("supervised_digits_40", GATE_SEEDS, tmp_path_factory.mktemp("supervised"))

@@ -14,6 +14,7 @@ from ssl_lightning.cli import main
 from ssl_lightning.methods import FixMatch
 
 REPO = Path(__file__).resolve().parent.parent
+GATE_SEEDS = [0, 1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
 
 # Labels that fit the generated datasets (a few images per class), per DataModule.
@@ -80,3 +81,21 @@ class InterruptAt(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+def train_digits(experiment: str, seeds: list[int], tmp_path: Path, *extra: str) -> list[dict[str, Any]]:
+    """Train a digits experiment as configured (only paths and the progress bar changed), per seed."""
+    results = []
+    for seed in seeds:
+        code, path = run_cli(
+            ["--config", str(REPO / "experiments" / f"{experiment}.yaml"), f"--seed_everything={seed}",
+             f"--data.data_dir={tmp_path}", "--trainer.enable_progress_bar=false", *extra],
+            tmp_path / f"{experiment}-{seed}",
+        )
+        assert code == 0 and path is not None
+        results.append(read_results(path))
+    return results
+
+
+def mean_test_acc(results: list[dict[str, Any]]) -> float:
+    return sum(r["test"]["acc"] for r in results) / len(results)

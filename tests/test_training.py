@@ -68,7 +68,11 @@ def _train_subprocess(run_root: Path, data_dir: Path, devices: int) -> Path:
     command = [
         sys.executable, "-m", "ssl_lightning", "fit", "--config", DIGITS, f"--run_root={run_root}",
         f"--data.data_dir={data_dir}", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
-        "--trainer.enable_progress_bar=false", "--trainer.sync_batchnorm=true", f"--trainer.devices={devices}",
+        "--trainer.enable_progress_bar=false", f"--trainer.devices={devices}",
+        # SyncBatchNorm refuses CPU modules, and per-rank BatchNorm statistics legitimately depend on the
+        # rank count; a BatchNorm-free network isolates what the framework owns: the sharded global
+        # batch, rank-independent augmentation seeds, loss normalisation, EMA state and metric sync.
+        "--model.backbone=mlp", '--model.backbone_args={"hidden_dims": [64]}',
         "--trainer.strategy=" + ("ddp" if devices > 1 else "auto"),
     ]
     out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -78,7 +82,7 @@ def _train_subprocess(run_root: Path, data_dir: Path, devices: int) -> Path:
 
 @pytest.mark.ddp
 def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path: Path) -> None:
-    """Same global batch (B=16, mu=3) on 1 process and on 2 gloo processes: same weights, EMA and BN state."""
+    """Same global batch (B=16, mu=3) on 1 process and on 2 gloo processes: same weights and EMA state."""
     single = _train_subprocess(tmp_path / "single", tmp_path, devices=1)
     double = _train_subprocess(tmp_path / "double", tmp_path, devices=2)
     assert read_results(double)["devices"] == 2

@@ -25,7 +25,7 @@ from ssl_lightning.data.sampling import (
     GlobalBatchStream,
     ShardedEvalSampler,
     augmentation_seed,
-    seeded_call,
+    with_private_rng,
 )
 from ssl_lightning.data.sources import ConcatSource, ImageSource, SubsetSource
 from ssl_lightning.data.splits import Split, SplitSpec, load_or_create_split
@@ -79,15 +79,21 @@ class ViewDataset(Dataset):
     def _apply_views(self, image: torch.Tensor) -> list[torch.Tensor]:
         return [view(image) for view in self.views]
 
+    def _item(self, index: int, draw: int | None) -> tuple:
+        image = self.source.load(index)
+        if draw is not None:
+            # The CPU generator alone: torch.manual_seed would also visit every accelerator backend.
+            torch.default_generator.manual_seed(augmentation_seed(self.run_seed, self.stream_id, draw))
+        return (*self._apply_views(image), int(self.targets[index]), index)
+
     def __getitem__(self, item: int | Draw) -> tuple:
-        if isinstance(item, tuple):
-            index, draw = item
-            seed = augmentation_seed(self.run_seed, self.stream_id, draw)
-            views = seeded_call(seed, self._apply_views, self.source.load(index))
-        else:
-            index = item
-            views = self._apply_views(self.source.load(index))
-        return (*views, int(self.targets[index]), index)
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[int | Draw]) -> list[tuple]:
+        # Seeding per draw makes each sample's augmentation a function of its stream position alone;
+        # the caller's generator state is saved once per batch, not once per sample.
+        draws = [item if isinstance(item, tuple) else (item, None) for item in items]
+        return with_private_rng(lambda: [self._item(index, draw) for index, draw in draws])
 
 
 class _LabelOverride(ImageSource):

@@ -10,12 +10,14 @@ sample's augmentation: augmentations too are independent of world size, worker c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+T = TypeVar("T")
 Draw = tuple[int, int]  # (dataset index, position of the draw in the stream)
 
 
@@ -93,16 +95,13 @@ class ShardedEvalSampler(Sampler[int]):
         return self.stop - self.start
 
 
-def seeded_call(seed: int, fn, *args):  # noqa: ANN001, ANN201 (a tiny generic helper)
-    """Run ``fn(*args)`` under the torch generator state ``seed`` without disturbing the caller's.
+def with_private_rng(fn: Callable[[], T]) -> T:
+    """Run ``fn`` free to reseed torch's global generator without disturbing anyone else's draws.
 
-    In a DataLoader worker the global state belongs to the worker alone, so it is simply reseeded;
-    in the main process (``num_workers=0``) it is forked and restored, so model-side randomness is
-    unaffected by data loading.
+    A DataLoader worker owns its generator, so ``fn`` simply runs; in the main process
+    (``num_workers=0``) the state is forked and restored, so model-side randomness is unaffected.
     """
     if torch.utils.data.get_worker_info() is not None:
-        torch.manual_seed(seed)
-        return fn(*args)
+        return fn()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return fn(*args)
+        return fn()
