@@ -80,3 +80,14 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(tmp_path: Path, capsys: py
     assert code == 1 and results is None
     assert "could not be read" in capsys.readouterr().err
     assert corrupt.read_bytes() == b"this is not a checkpoint"
+
+
+def test_bf16_mixed_precision_by_trainer_config_alone(tmp_path: Path) -> None:
+    code, results = run_cli(
+        ["--config", str(REPO / "experiments/fixmatch_digits_40.yaml"), "--trainer.fast_dev_run=2",
+         "--trainer.precision=bf16-mixed", f"--data.data_dir={tmp_path}"],
+        tmp_path,
+    )
+    assert code == 0 and results is not None
+    payload = read_results(results)
+    assert payload["precision"] == "bf16-mixed" and payload["test"]["nll"] == payload["test"]["nll"]

@@ -9,6 +9,7 @@ diagnostics, the non-finite-loss guard) lives here once.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +22,9 @@ from ssl_lightning.components.ema import EMAWeights
 from ssl_lightning.data.module import StreamBatch
 from ssl_lightning.metrics.classification import classification_metrics
 from ssl_lightning.nets import build_backbone
+
+# The EMA copy is kept in eval mode on purpose; Lightning's generic warning about it is noise.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
