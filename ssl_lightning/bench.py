@@ -96,7 +96,9 @@ def plain_fixmatch_step_times(batches: list, steps: int, warmup: int, device: to
     """FixMatch written as a bare loop: the reference the framework's overhead is measured against."""
     model = build_backbone("wrn28_2", num_classes=10).to(device)
     ema = EMAWeights(model, 0.999).to(device)
-    optimizer = torch.optim.SGD(parameter_groups(model, 5e-4), lr=0.03, momentum=0.9, nesterov=True)
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, 5e-4), lr=0.03, momentum=0.9, nesterov=True, foreach=True
+    )
     total = steps + warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: cosine_factor(k, total))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")

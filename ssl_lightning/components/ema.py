@@ -37,8 +37,9 @@ class EMAWeights(nn.Module):
         params = [p.detach() for p in model.parameters()]
         # One fused kernel over all tensors: ema ← ema + (1 − decay)(param − ema).
         torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
-        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
-            ema_buffer.copy_(buffer)
+        ema_buffers, buffers = list(self.module.buffers()), list(model.buffers())
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
 
     def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         return self.module(*args, **kwargs)
