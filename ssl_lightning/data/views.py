@@ -21,14 +21,14 @@ escape the seeding and break reproducibility.
 from __future__ import annotations
 
 import math
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 #: Cutout's grey, as TorchSSL/USB draw it (roughly the CIFAR-10 pixel mean).
@@ -64,61 +64,293 @@ def _check_image(image: Tensor) -> None:
 
 # ----- the 14 RandAugment ops --------------------------------------------------------------------------
 # Every op takes (image, magnitude, geometric fill) so RandAugment can call them uniformly; ops without
-# a magnitude ignore it.
+# a magnitude ignore it. ``F`` is torchvision.transforms.v2.functional; each op's docstring names the
+# call whose output it equals.
+#
+# The ops run once per image in DataLoader workers. Those that torchvision does in a few cheap tensor
+# ops call it. Equalize, Sharpness and the geometric ops are rewritten, because torchvision's versions
+# cost 100-450 µs a call at 16-32 px, mostly per-op overhead (grid building, a mask channel, dtype round
+# trips, a grouped convolution). The rewrites give the same pixels, not just close ones
+# (tests/data/test_views.py checks each against torchvision): wherever the result hinges on float32
+# rounding, they run the same float32 operations in the same order on tensors of the same layout.
+
+
+_STRUCT_FORMATS = {torch.float32: "f", torch.int64: "q"}
+
+
+def _small_tensor(values: Sequence[float], dtype: torch.dtype) -> Tensor:
+    """``torch.tensor(values, dtype=dtype)`` for a short 1-d list, float32 or int64.
+
+    Built from a packed buffer, which costs a fraction of ``torch.tensor`` on a list; some ops build
+    one on every call. Packing rounds floats to float32 to nearest, as ``torch.tensor`` does.
+    """
+    packed = struct.pack(f"{len(values)}{_STRUCT_FORMATS[dtype]}", *values)
+    return torch.frombuffer(bytearray(packed), dtype=dtype)
+
+
+# 0-d operands for hot elementwise ops: a Python number is wrapped into a tensor on every call.
+_SIX = torch.tensor(6.0)
+_THIRTEEN = torch.tensor(13.0)
+
+
+class _Fill(NamedTuple):
+    """A fill colour as ``(C, 1, 1)`` uint8 pixels, and its single value when all channels agree."""
+
+    pixel: Tensor
+    value: int | None
+
+
+_FILLS: dict[tuple[float, ...], _Fill] = {}
+
+
+def _fill_pixels(fill: Sequence[float]) -> _Fill:
+    """``fill`` rounded to uint8 as torchvision rounds its float result; cached, as fills are few."""
+    key = tuple(fill)
+    cached = _FILLS.get(key)
+    if cached is None:
+        if not all(0 <= v <= 255 for v in key):
+            raise ValueError(f"fill values must lie in [0, 255], got {list(key)}")
+        pixel = torch.tensor(key, dtype=torch.float32).round_().to(torch.uint8).view(-1, 1, 1)
+        values = set(pixel.flatten().tolist())
+        cached = _Fill(pixel, values.pop() if len(values) == 1 else None)
+        _FILLS[key] = cached
+    return cached
+
+
+def _filled(channels: int, height: int, width: int, fill: Sequence[float]) -> Tensor:
+    """A new ``(channels, height, width)`` uint8 image of the fill colour."""
+    pixels = _fill_pixels(fill)
+    if pixels.value is not None:
+        return torch.full((channels, height, width), pixels.value, dtype=torch.uint8)
+    return pixels.pixel.expand(channels, height, width).contiguous()
+
+
+# -- ops torchvision already does cheaply --
 
 
 def _auto_contrast(image: Tensor, _: float, __: list[float]) -> Tensor:
+    """``F.autocontrast(image)``."""
     return F.autocontrast(image)
 
 
 def _brightness(image: Tensor, factor: float, _: list[float]) -> Tensor:
+    """``F.adjust_brightness(image, factor)``."""
     return F.adjust_brightness(image, factor)
 
 
 def _color(image: Tensor, factor: float, _: list[float]) -> Tensor:
+    """``F.adjust_saturation(image, factor)``."""
     # torchvision returns a 1-channel image unchanged here, as PIL's Color enhance does for "L" images.
     return F.adjust_saturation(image, factor)
 
 
 def _contrast(image: Tensor, factor: float, _: list[float]) -> Tensor:
+    """``F.adjust_contrast(image, factor)``."""
     return F.adjust_contrast(image, factor)
 
 
-def _equalize(image: Tensor, _: float, __: list[float]) -> Tensor:
-    return F.equalize(image)
-
-
 def _identity(image: Tensor, _: float, __: list[float]) -> Tensor:
+    """The image unchanged."""
     return image
 
 
 def _posterize(image: Tensor, bits: float, _: list[float]) -> Tensor:
+    """``F.posterize(image, max(1, int(bits)))``."""
     # TorchSSL truncates the uniform draw, so bits is 4..7 (8, a no-op, has probability zero).
     return F.posterize(image, max(1, int(bits)))
 
 
-def _rotate(image: Tensor, degrees: float, fill: list[float]) -> Tensor:
-    # Counter-clockwise about the centre with nearest sampling, as PIL's Image.rotate.
-    return F.rotate(image, degrees, interpolation=InterpolationMode.NEAREST, fill=fill)
+def _solarize(image: Tensor, threshold: float, _: list[float]) -> Tensor:
+    """``F.solarize(image, threshold)``, and the image unchanged for a threshold above 255."""
+    # PIL inverts pixels >= threshold; a threshold above 255 (the range reaches 256) inverts nothing,
+    # and torchvision rejects thresholds above the dtype's maximum, so that case is handled here.
+    if threshold > 255:
+        return image
+    return F.solarize(image, threshold)
+
+
+# -- Equalize and Sharpness --
+
+
+def _equalize(image: Tensor, _: float, __: list[float]) -> Tensor:
+    """``F.equalize(image)``: PIL's histogram equalisation, per channel.
+
+    PIL's lookup table is ``lut[k] = (cum[k - 1] + step // 2) // step``, ``cum`` the cumulative
+    histogram and ``step`` the number of pixels below the channel's top level over 255; a channel with
+    ``step == 0`` is left as is. ``cum[k - 1]`` is computed as ``cum[k] - hist[k]``, which saves a
+    shifted copy, and all channels share one histogram and one table, offset by 256 per channel.
+    """
+    channels = image.shape[0]
+    flat = image.reshape(channels, -1)
+    levels = (flat.long() if channels == 1 else flat + _CHANNEL_OFFSETS[:channels]).view(-1)
+    hist = torch.bincount(levels, minlength=256 * channels).view(channels, 256)
+    cum = hist.cumsum(1)
+    # The first bin where the cumulative count peaks is the channel's top level.
+    top_counts = hist.gather(1, cum.argmax(1, keepdim=True)).view(-1).tolist()
+    steps = [(flat.shape[1] - count) // 255 for count in top_counts]
+    if not any(steps):
+        return image
+    constants = [step // 2 for step in steps] + [max(step, 1) for step in steps]
+    halves, divisors = _small_tensor(constants, torch.int64).view(2, channels, 1)
+    lut = cum.sub_(hist).add_(halves).div_(divisors, rounding_mode="floor").clamp_(max=255)
+    if not all(steps):
+        unchanged = torch.tensor([step == 0 for step in steps]).view(channels, 1)
+        lut = torch.where(unchanged, _IDENTITY_LUT, lut)
+    return lut.to(torch.uint8).view(-1).index_select(0, levels).view_as(image)
+
+
+# Where each channel's 256 bins start in the shared histogram (int64, so adding them to uint8 levels
+# gives int64 indices), and the lookup table of a channel left as is.
+_CHANNEL_OFFSETS = torch.arange(3).mul_(256).view(3, 1)
+_IDENTITY_LUT = torch.arange(256)
 
 
 def _sharpness(image: Tensor, factor: float, _: list[float]) -> Tensor:
-    return F.adjust_sharpness(image, factor)
+    """``F.adjust_sharpness(image, factor)``: blend the interior with PIL's SMOOTH filter.
+
+    torchvision convolves with the float32 kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 and rounds. The
+    exact value t / 13, with t the 3x3 sum plus 4 times the centre (an integer), is never within 1/26
+    of a half-integer, far beyond float32 error, so ``(t + 6) // 13`` from exact integer sums rounds it
+    identically, at a fraction of a grouped convolution's cost.
+    """
+    height, width = image.shape[-2:]
+    if height <= 2 or width <= 2:
+        return image  # torchvision leaves images without an interior unchanged
+    output = image.to(torch.float32)
+    interior = output[:, 1:-1, 1:-1]
+    # Two 3-tap sums; integer-valued float32 sums below 2**24 are exact.
+    box = output.unfold(2, 3, 1).sum(-1).unfold(1, 3, 1).sum(-1)
+    # floor((t + 6) / 13) in float32 is exact: t + 6 < 2**24 and a quotient that is not an integer is
+    # at least 1/13 away from one.
+    blurred = box.add_(interior, alpha=4).add_(_SIX).div_(_THIRTEEN).floor_()
+    # torchvision's blend x + (1 - factor) * (blurred - x), the same in-place ops on the same strided
+    # view: the truncation to uint8 below turns a last-bit difference into a grey level.
+    interior.add_(blurred.sub_(interior), alpha=1.0 - factor)
+    if not 0.0 <= factor <= 1.0:
+        # Only sharpening (factor > 1) can leave [0, 255]; for factor in [0, 1], as RandAugment draws,
+        # the blend is a convex combination and float rounding cannot cross 0 or 255.
+        output.clamp_(0, 255)
+    return output.to(torch.uint8)
+
+
+# -- geometric ops: one nearest-neighbour warp, and a shift for translations --
+
+
+def _inverse_affine_matrix(
+    center: tuple[float, float], angle: float, translate: tuple[float, float], shear: tuple[float, float]
+) -> list[float]:
+    """The output-to-input pixel map ``[a, b, c, d, e, f]`` that torchvision builds for an affine warp.
+
+    Coordinates are relative to the image centre; the scale is 1. These are the float64 operations of
+    torchvision's ``_get_inverse_affine_matrix`` in the same order, so the float32 sampling grid built
+    from the matrix is the same to the last bit.
+    """
+    rot = math.radians(angle)
+    shear_x, shear_y = math.radians(shear[0]), math.radians(shear[1])
+    cos_sy, tan_sx = math.cos(shear_y), math.tan(shear_x)
+    # The forward map R(angle) · ShearY · ShearX, whose determinant is 1 ...
+    a = math.cos(rot - shear_y) / cos_sy
+    b = -(a * tan_sx + math.sin(rot))
+    c = math.sin(rot - shear_y) / cos_sy
+    d = math.cos(rot) - c * tan_sx
+    # ... inverted, and conjugated by the centre after the inverse translation.
+    inverse = [d, -b, -c, a]
+    shifted_x, shifted_y = center[0] + translate[0], center[1] + translate[1]
+    offset_x = center[0] - inverse[0] * shifted_x - inverse[1] * shifted_y
+    offset_y = center[1] - inverse[2] * shifted_x - inverse[3] * shifted_y
+    return [inverse[0], inverse[1], offset_x, inverse[2], inverse[3], offset_y]
+
+
+_PIXEL_CENTRES: dict[tuple[int, int], Tensor] = {}
+
+
+def _pixel_centres(height: int, width: int) -> Tensor:
+    """``(1, H*W, 3)``: each pixel's centre relative to the image centre, then a 1; cached per size.
+
+    Built as torchvision's ``_affine_grid`` builds its base grid, so that the bmm in
+    :func:`_warp_nearest` multiplies the same numbers.
+    """
+    centres = _PIXEL_CENTRES.get((height, width))
+    if centres is None:
+        centres = torch.empty(1, height, width, 3, dtype=torch.float32)
+        centres[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width))
+        centres[..., 1].copy_(
+            torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height).unsqueeze_(-1)
+        )
+        centres[..., 2].fill_(1)
+        centres = centres.view(1, height * width, 3)
+        _PIXEL_CENTRES[(height, width)] = centres
+    return centres
+
+
+def _normalised_theta(matrix: list[float], height: int, width: int) -> Tensor:
+    """torchvision's ``theta.transpose(1, 2).div_([W/2, H/2])`` for ``theta = float32(matrix)``.
+
+    The float32 quotients are computed in Python: the quotient of two float32 numbers, computed in
+    float64 and rounded once to float32, is the correctly rounded float32 quotient that torch's division
+    gives. The result is the same ``(1, 3, 2)`` transposed view, so the bmm makes the same BLAS call.
+    """
+    m = struct.unpack("6f", struct.pack("6f", *matrix))  # float32(matrix), as torch.tensor rounds it
+    half_width, half_height = 0.5 * width, 0.5 * height
+    scaled = [v / half_width for v in m[:3]] + [v / half_height for v in m[3:]]
+    return _small_tensor(scaled, torch.float32).view(1, 2, 3).transpose(1, 2)
+
+
+def _warp_nearest(image: Tensor, matrix: list[float], fill: list[float]) -> Tensor:
+    """``image`` resampled through ``matrix`` (see :func:`_inverse_affine_matrix`), nearest pixel.
+
+    What torchvision's tensor ``affine``/``rotate`` with NEAREST interpolation and a fill compute: the
+    same float32 sampling grid goes through the same ``grid_sample`` call. torchvision samples an
+    extra all-ones channel to find the pixels to fill; here the fill is subtracted before sampling and
+    added back after, so the zeros that grid_sample returns outside the image become the fill (exact,
+    as all values are small integers), and for the usual black fill there is nothing to do.
+    """
+    channels, height, width = image.shape
+    grid = _pixel_centres(height, width).bmm(_normalised_theta(matrix, height, width))
+    fill_value = _fill_pixels(fill).value
+    source = image.to(torch.float32)
+    if fill_value != 0:
+        fill_float = _fill_pixels(fill).pixel.to(torch.float32)
+        source = source.sub_(fill_float)
+    warped = torch.nn.functional.grid_sample(
+        source.unsqueeze(0),
+        grid.view(1, height, width, 2),
+        mode="nearest",
+        padding_mode="zeros",
+        align_corners=False,
+    ).view(channels, height, width)
+    if fill_value != 0:
+        warped = warped.add_(fill_float)
+    return warped.to(torch.uint8)
+
+
+def _rotate(image: Tensor, degrees: float, fill: list[float]) -> Tensor:
+    """``F.rotate(image, degrees, NEAREST, fill=fill)``: counter-clockwise about the centre, as PIL's
+    ``Image.rotate``."""
+    angle = degrees % 360
+    # torchvision's shortcuts for exact quarter turns (of which only 0 is in RandAugment's range).
+    if angle == 0:
+        return image.clone()
+    if angle == 180:
+        return torch.rot90(image, k=2, dims=(-2, -1))
+    if angle in (90, 270) and image.shape[-1] == image.shape[-2]:
+        return torch.rot90(image, k=1 if angle == 90 else 3, dims=(-2, -1))
+    return _warp_nearest(image, _inverse_affine_matrix((0.0, 0.0), -angle, (0.0, 0.0), (0.0, 0.0)), fill)
 
 
 def _shear(image: Tensor, shear_x: float, shear_y: float, fill: list[float]) -> Tensor:
+    """``F.affine`` with angle 0, translate 0, scale 1, shear ``atan`` of ``shear_x``/``shear_y`` in
+    degrees, NEAREST, ``fill`` and ``center=[0, 0]``."""
     # PIL's affine (1, v, 0, 0, 1, 0) shears about the top-left corner, not the centre, so the sheared
     # image also drifts sideways by up to v*H; centre=[0, 0] and angle atan(v) reproduce that exactly.
-    return F.affine(
-        image,
-        angle=0.0,
-        translate=[0.0, 0.0],
-        scale=1.0,
-        shear=[math.degrees(math.atan(shear_x)), math.degrees(math.atan(shear_y))],
-        interpolation=InterpolationMode.NEAREST,
-        fill=fill,
-        center=[0.0, 0.0],
+    height, width = image.shape[-2:]
+    matrix = _inverse_affine_matrix(
+        (0.0 - width * 0.5, 0.0 - height * 0.5),  # torchvision's centre [0, 0], relative to the middle
+        0.0,
+        (0.0, 0.0),
+        (math.degrees(math.atan(shear_x)), math.degrees(math.atan(shear_y))),
     )
+    return _warp_nearest(image, matrix, fill)
 
 
 def _shear_x(image: Tensor, v: float, fill: list[float]) -> Tensor:
@@ -129,26 +361,54 @@ def _shear_y(image: Tensor, v: float, fill: list[float]) -> Tensor:
     return _shear(image, 0.0, v, fill)
 
 
-def _solarize(image: Tensor, threshold: float, _: list[float]) -> Tensor:
-    # PIL inverts pixels >= threshold; a threshold above 255 (the range reaches 256) inverts nothing,
-    # and torchvision rejects thresholds above the dtype's maximum, so that case is handled here.
-    if threshold > 255:
-        return image
-    return F.solarize(image, threshold)
+#: A translation by a distance d at least this far from a half pixel (times image size plus |d|) is
+#: done as a whole-pixel shift. In the warp, a pixel's float32 source coordinate i + d comes out of
+#: seven float32 roundings of values at most size + |d| pixels in magnitude, so it is off by less than
+#: 7 * 2**-24 * (size + |d|) < 5e-7 * (size + |d|); the margin is 20 times that.
+_SHIFT_MARGIN = 1e-5
+
+
+def _whole_pixel_shift(distance: float, size: int) -> int | None:
+    """``round(distance)`` if the warp provably sends every pixel i to source i + ``round(distance)``.
+
+    Near a half pixel, float32 error and round-half-to-even can split the rows or columns between two
+    shifts; those distances give None and go through the warp.
+    """
+    nearest = math.floor(distance + 0.5)
+    if abs(distance - nearest) <= 0.5 - _SHIFT_MARGIN * (size + abs(distance)):
+        return nearest
+    return None
+
+
+def _shift(image: Tensor, dx: int, dy: int, fill: list[float]) -> Tensor:
+    """``out[:, i, j] = image[:, i + dy, j + dx]`` where that lies in the image, else the fill."""
+    channels, height, width = image.shape
+    if abs(dx) >= width or abs(dy) >= height:
+        return _filled(channels, height, width, fill)
+    fill_value = _fill_pixels(fill).value
+    if fill_value is not None:
+        # Negative padding crops: this drops dx columns on one side and adds dx of fill on the other.
+        return torch.nn.functional.pad(image, (-dx, dx, -dy, dy), value=float(fill_value))
+    out = _filled(channels, height, width, fill)
+    out[:, max(-dy, 0) : height - max(dy, 0), max(-dx, 0) : width - max(dx, 0)] = image[
+        :, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)
+    ]
+    return out
 
 
 def _translate(image: Tensor, dx: float, dy: float, fill: list[float]) -> Tensor:
+    """``F.affine(image, angle=0, translate=[-dx, -dy], scale=1, shear=[0, 0], NEAREST, fill=fill)``.
+
+    Output pixel (x, y) reads input pixel (x + dx, y + dy), rounded. Nearly always that is the same
+    whole-pixel offset for every pixel, and then a shift does it for a fraction of the warp's cost.
+    """
     # PIL's affine (1, 0, v, 0, 1, 0) samples input x + v, i.e. moves the content by -v; the range is
     # symmetric so the sign only matters for matching the reference op for op.
-    return F.affine(
-        image,
-        angle=0.0,
-        translate=[-dx, -dy],
-        scale=1.0,
-        shear=[0.0, 0.0],
-        interpolation=InterpolationMode.NEAREST,
-        fill=fill,
-    )
+    height, width = image.shape[-2:]
+    shift_x, shift_y = _whole_pixel_shift(dx, width), _whole_pixel_shift(dy, height)
+    if shift_x is not None and shift_y is not None:
+        return _shift(image, shift_x, shift_y, fill)
+    return _warp_nearest(image, _inverse_affine_matrix((0.0, 0.0), 0.0, (-dx, -dy), (0.0, 0.0)), fill)
 
 
 def _translate_x(image: Tensor, v: float, fill: list[float]) -> Tensor:
@@ -257,9 +517,10 @@ class Cutout:
         top, left, bottom, right = self.sample(image.shape[-2], image.shape[-1])
         if bottom <= top or right <= left:
             return image
-        fill = torch.tensor(_fill_for(self.fill, image.shape[0]), dtype=image.dtype).view(-1, 1, 1)
+        # The cached fill pixel: building a tensor on every call costs more than the copy below.
+        fill = _fill_pixels(_fill_for(self.fill, image.shape[0])).pixel
         image = image.clone()
-        image[:, top:bottom, left:right] = fill
+        image[:, top:bottom, left:right].copy_(fill)
         return image
 
     def __repr__(self) -> str:
@@ -312,6 +573,27 @@ class IdentityView:
         return "IdentityView()"
 
 
+_REFLECT_INDICES: dict[tuple[int, int, bool], Tensor] = {}
+
+
+def _reflect_indices(length: int, pad: int, flip: bool) -> Tensor:
+    """Source index of each position of a line of ``length`` pixels, flipped if ``flip``, then padded by
+    ``pad`` on both sides in torch's "reflect" mode (edge pixel not repeated); cached."""
+    key = (length, pad, flip)
+    indices = _REFLECT_INDICES.get(key)
+    if indices is None:
+        if pad >= length:
+            raise ValueError(f"reflect padding of {pad} px needs images larger than {pad} px, got {length}")
+        positions = torch.arange(-pad, length + pad)
+        indices = torch.where(positions < 0, -positions, positions)
+        indices = torch.where(indices >= length, 2 * (length - 1) - indices, indices)
+        if flip:
+            # Pixel i of the flipped line is pixel length - 1 - i of the original.
+            indices = length - 1 - indices
+        _REFLECT_INDICES[key] = indices
+    return indices
+
+
 class WeakView:
     """Random horizontal flip (if ``hflip``), then reflect-pad ``crop_pad`` and random-crop ``image_size``.
 
@@ -327,23 +609,26 @@ class WeakView:
 
     def __call__(self, image: Tensor) -> Tensor:
         _check_image(image)
-        if self.hflip and float(torch.rand(())) < 0.5:
-            image = F.horizontal_flip(image)
-        if self.crop_pad > 0:
-            image = F.pad(image, [self.crop_pad], padding_mode="reflect")
-        height, width = image.shape[-2:]
-        size = self.image_size
+        flip = self.hflip and float(torch.rand(())) < 0.5
+        pad, size = self.crop_pad, self.image_size
+        height, width = image.shape[-2] + 2 * pad, image.shape[-1] + 2 * pad
         if height < size or width < size:
             raise ValueError(
-                f"image of {height}x{width} px (after {self.crop_pad} px padding) is smaller than the "
-                f"{size} px crop"
+                f"image of {height}x{width} px (after {pad} px padding) is smaller than the {size} px crop"
             )
-        if height == size and width == size:
-            return image
-        # One draw for both offsets, reduced modulo each range; the bias at 2**30 is below 1e-8.
-        offsets = torch.randint(0, 1 << 30, (2,)).tolist()
-        top, left = offsets[0] % (height - size + 1), offsets[1] % (width - size + 1)
-        return image[:, top : top + size, left : left + size]
+        top = left = 0
+        if height != size or width != size:
+            # One draw for both offsets, reduced modulo each range; the bias at 2**30 is below 1e-8.
+            offsets = torch.randint(0, 1 << 30, (2,)).tolist()
+            top, left = offsets[0] % (height - size + 1), offsets[1] % (width - size + 1)
+        if pad == 0:
+            image = image.flip(-1) if flip else image
+            return image[:, top : top + size, left : left + size]
+        # Flip, pad and crop in one gather of rows then columns: flipping and reflect-padding the whole
+        # image only to keep a window of it costs several times more on small images.
+        rows = _reflect_indices(image.shape[-2], pad, flip=False)[top : top + size]
+        columns = _reflect_indices(image.shape[-1], pad, flip=flip)[left : left + size]
+        return image.index_select(-2, rows).index_select(-1, columns)
 
     def __repr__(self) -> str:
         return f"WeakView(image_size={self.image_size}, crop_pad={self.crop_pad}, hflip={self.hflip})"

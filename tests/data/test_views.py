@@ -1,14 +1,19 @@
-"""Augmentation views: shapes, crop geometry, determinism, per-op sanity, Cutout and pickling."""
+"""Augmentation views: shapes, crop geometry, determinism, per-op sanity, Cutout, pickling, and pixel-exact
+parity of the fast ops and views with the torchvision calls they replace."""
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps  # a torchvision dependency; the reference ops are PIL's
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from ssl_lightning.data.views import (
     RANDAUG_OPS,
@@ -327,3 +332,232 @@ def test_view_throughput_reports_a_rate_and_keeps_the_caller_rng() -> None:
     )
     assert rate > 0
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ----- parity with torchvision ----------------------------------------------------------------------
+# Equalize, Sharpness, the geometric ops and the weak view are written as short runs of tensor ops for
+# speed; they must give exactly what the torchvision calls they replace give. The references below are
+# the views as first written on torchvision.transforms.v2.functional, argument for argument.
+
+
+def _reference_shear(image: torch.Tensor, shear_x: float, shear_y: float, fill: list[float]) -> torch.Tensor:
+    return F.affine(
+        image,
+        angle=0.0,
+        translate=[0.0, 0.0],
+        scale=1.0,
+        shear=[math.degrees(math.atan(shear_x)), math.degrees(math.atan(shear_y))],
+        interpolation=InterpolationMode.NEAREST,
+        fill=fill,
+        center=[0.0, 0.0],
+    )
+
+
+def _reference_translate(image: torch.Tensor, dx: float, dy: float, fill: list[float]) -> torch.Tensor:
+    return F.affine(
+        image,
+        angle=0.0,
+        translate=[-dx, -dy],
+        scale=1.0,
+        shear=[0.0, 0.0],
+        interpolation=InterpolationMode.NEAREST,
+        fill=fill,
+    )
+
+
+_Op = Callable[[torch.Tensor, float, list[float]], torch.Tensor]
+_TORCHVISION_REFERENCE: dict[str, _Op] = {
+    "AutoContrast": lambda im, v, fill: F.autocontrast(im),
+    "Brightness": lambda im, v, fill: F.adjust_brightness(im, v),
+    "Color": lambda im, v, fill: F.adjust_saturation(im, v),
+    "Contrast": lambda im, v, fill: F.adjust_contrast(im, v),
+    "Equalize": lambda im, v, fill: F.equalize(im),
+    "Identity": lambda im, v, fill: im,
+    "Posterize": lambda im, v, fill: F.posterize(im, max(1, int(v))),
+    "Rotate": lambda im, v, fill: F.rotate(im, v, interpolation=InterpolationMode.NEAREST, fill=fill),
+    "Sharpness": lambda im, v, fill: F.adjust_sharpness(im, v),
+    "ShearX": lambda im, v, fill: _reference_shear(im, v, 0.0, fill),
+    "ShearY": lambda im, v, fill: _reference_shear(im, 0.0, v, fill),
+    "Solarize": lambda im, v, fill: im if v > 255 else F.solarize(im, v),
+    "TranslateX": lambda im, v, fill: _reference_translate(im, v * im.shape[-1], 0.0, fill),
+    "TranslateY": lambda im, v, fill: _reference_translate(im, 0.0, v * im.shape[-2], fill),
+}
+
+# Black (the geometric fill RandAugment uses), one grey value, and a colour (mean grey for 1 channel).
+_FILLS = ([0.0, 0.0, 0.0], [90.0, 90.0, 90.0], [37.0, 150.0, 220.0])
+
+
+def _fill(kind: int, channels: int) -> list[float]:
+    fill = _FILLS[kind % len(_FILLS)]
+    return fill if channels == 3 else [float(round(sum(fill) / 3))]
+
+
+def _varied_image(
+    channels: int, height: int, width: int, kind: int, generator: torch.Generator
+) -> torch.Tensor:
+    """A test image of one of five kinds, as a non-contiguous crop (as the weak view returns).
+
+    Noise alone would miss the corner cases: smooth images for neighbourhood ops, few grey levels and
+    flat channels for Equalize's and AutoContrast's special cases, a narrow range for the stretches.
+    """
+    image = torch.randint(0, 256, (channels, height + 3, width + 2), dtype=torch.uint8, generator=generator)
+    kind %= 5
+    if kind == 1:
+        image = torch.nn.functional.avg_pool2d(image.float()[None], 5, 1, 2)[0].round().to(torch.uint8)
+    elif kind == 2:
+        image = image // 64 * 60 + 10
+    elif kind == 3:
+        image[0] = int(torch.randint(0, 256, (), generator=generator))
+    elif kind == 4:
+        image = image // 16 + 100
+    return image[:, 2 : 2 + height, 1 : 1 + width]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("op", RANDAUG_OPS, ids=lambda op: op.name)
+def test_randaug_ops_equal_torchvision(op: RandAugOp, channels: int) -> None:
+    generator = torch.Generator().manual_seed(2024 + channels)
+    reference = _TORCHVISION_REFERENCE[op.name]
+    for trial in range(200):
+        size = (16, 28, 32, 96)[trial % 4]
+        image = _varied_image(channels, size, size, trial, generator)
+        # The range ends first, then uniform draws.
+        u = (
+            (0.0, 1.0)[trial]
+            if trial < 2
+            else float(torch.rand((), dtype=torch.float64, generator=generator))
+        )
+        magnitude = op.low + (op.high - op.low) * u
+        fill = _fill(trial, channels)
+        out = op.fn(image, magnitude, fill)
+        expected = reference(image, magnitude, fill)
+        assert out.dtype == torch.uint8 and out.shape == image.shape
+        assert torch.equal(out, expected), (
+            f"{op.name} at {magnitude!r} on {tuple(image.shape)} (trial {trial}, fill {fill}): "
+            f"{int((out != expected).sum())} pixels differ"
+        )
+
+
+@pytest.mark.parametrize("name", ["Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "Sharpness"])
+def test_randaug_ops_equal_torchvision_on_non_square_images(name: str) -> None:
+    generator = torch.Generator().manual_seed(5)
+    op = next(op for op in RANDAUG_OPS if op.name == name)
+    for trial, (height, width) in enumerate([(20, 28), (28, 20), (17, 31), (3, 40), (40, 3)] * 8):
+        channels = 1 + 2 * (trial % 2)
+        image = _varied_image(channels, height, width, trial, generator)
+        magnitude = op.low + (op.high - op.low) * float(
+            torch.rand((), dtype=torch.float64, generator=generator)
+        )
+        fill = _fill(trial, channels)
+        assert torch.equal(
+            op.fn(image, magnitude, fill), _TORCHVISION_REFERENCE[name](image, magnitude, fill)
+        )
+
+
+def test_translations_equal_torchvision_near_half_pixel_distances() -> None:
+    # Distances near k + 1/2 are where the whole-pixel shortcut must hand over to the warp: float32
+    # error and round-half-to-even may then split the image between two shifts.
+    from ssl_lightning.data.views import _whole_pixel_shift
+
+    generator = torch.Generator().manual_seed(9)
+    handed_over = 0
+    for size in (16, 28, 32, 96):
+        for k in range(-int(0.3 * size), int(0.3 * size) + 1, 1 + size // 32):
+            for delta in (0.0, 1e-7, -1e-6, 3e-5, -1e-3, 0.01):
+                v = (k + 0.5 + delta) / size
+                handed_over += _whole_pixel_shift(v * size, size) is None
+                channels = 1 + 2 * (k % 2)
+                image = _varied_image(channels, size, size, k, generator)
+                fill = _fill(k, channels)
+                expected_x = _reference_translate(image, v * size, 0.0, fill)
+                expected_y = _reference_translate(image, 0.0, v * size, fill)
+                assert torch.equal(_op("TranslateX")(image, v, fill), expected_x), (size, v)
+                assert torch.equal(_op("TranslateY")(image, v, fill), expected_y), (size, v)
+    assert handed_over > 0
+
+
+@pytest.mark.parametrize("degrees", [0.0, 90.0, 180.0, 270.0, -90.0, 360.0, 45.0, -180.0])
+@pytest.mark.parametrize("shape", [(3, 16, 16), (1, 20, 28)])
+def test_rotate_equals_torchvision_at_quarter_turns(degrees: float, shape: tuple[int, int, int]) -> None:
+    image = _varied_image(shape[0], shape[1], shape[2], 0, torch.Generator().manual_seed(3))
+    fill = _fill(2, shape[0])
+    expected = F.rotate(image, degrees, interpolation=InterpolationMode.NEAREST, fill=fill)
+    assert torch.equal(_op("Rotate")(image, degrees, fill), expected)
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.05, 0.5, 1.0, 1.5, 4.0])
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 32, 32), (1, 2, 5), (3, 5, 2), (1, 3, 3)])
+def test_sharpness_equals_torchvision_beyond_randaugment_range(
+    factor: float, shape: tuple[int, int, int]
+) -> None:
+    # Factors above 1 sharpen and need the clamp that the blend skips for [0, 1]; images of 2 px or less
+    # across have no interior and stay as they are.
+    generator = torch.Generator().manual_seed(4)
+    for kind in range(5):
+        image = _varied_image(shape[0], shape[1], shape[2], kind, generator)
+        assert torch.equal(_op("Sharpness")(image, factor, []), F.adjust_sharpness(image, factor))
+
+
+def _reference_weak(image: torch.Tensor, config: ViewConfig) -> torch.Tensor:
+    """The weak view as first written: torchvision flip and reflect pad, then a crop."""
+    if config.hflip and float(torch.rand(())) < 0.5:
+        image = F.horizontal_flip(image)
+    if config.crop_pad > 0:
+        image = F.pad(image, [config.crop_pad], padding_mode="reflect")
+    height, width = image.shape[-2:]
+    size = config.image_size
+    if height == size and width == size:
+        return image
+    offsets = torch.randint(0, 1 << 30, (2,)).tolist()
+    top, left = offsets[0] % (height - size + 1), offsets[1] % (width - size + 1)
+    return image[:, top : top + size, left : left + size]
+
+
+def _reference_strong(image: torch.Tensor, config: ViewConfig) -> torch.Tensor:
+    """The strong view as first written: reference weak view, torchvision ops, Cutout's fill per call."""
+    image = _reference_weak(image, config)
+    channels = image.shape[0]
+    for index, magnitude in RandAugment(config.randaug_ops).sample():
+        image = _TORCHVISION_REFERENCE[RANDAUG_OPS[index].name](image, magnitude, [0.0] * channels)
+    top, left, bottom, right = Cutout(config.cutout, config.mean_fill).sample(*image.shape[-2:])
+    if bottom > top and right > left:
+        grey = list(config.mean_fill) if channels == 3 else [round(sum(config.mean_fill) / 3)]
+        image = image.clone()
+        image[:, top:bottom, left:right] = torch.tensor(grey, dtype=torch.uint8).view(-1, 1, 1)
+    return image
+
+
+def _seeded_with_state(
+    view: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = view(image)
+        return out, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize(
+    ("height", "width", "config"),
+    [
+        (16, 16, ViewConfig(image_size=16, crop_pad=2, hflip=True)),
+        (28, 28, ViewConfig(image_size=28, crop_pad=0, hflip=True)),
+        (28, 28, ViewConfig(image_size=24, crop_pad=0, hflip=False)),
+        (32, 32, ViewConfig(image_size=32, crop_pad=4, hflip=False)),
+        (20, 26, ViewConfig(image_size=24, crop_pad=3, hflip=True)),
+        (96, 96, ViewConfig(image_size=96, crop_pad=12, hflip=True)),
+    ],
+)
+def test_weak_and_strong_views_equal_the_torchvision_reference(
+    channels: int, height: int, width: int, config: ViewConfig
+) -> None:
+    # Same pixels and the same draws from the global generator, so the generator ends in the same state.
+    generator = torch.Generator().manual_seed(6)
+    weak, strong = build_view("weak", config), build_view("strong", config)
+    for seed in range(40):
+        image = _varied_image(channels, height, width, seed, generator)
+        for view, reference in ((weak, _reference_weak), (strong, _reference_strong)):
+            out, state = _seeded_with_state(view, image, seed)
+            expected, expected_state = _seeded_with_state(partial(reference, config=config), image, seed)
+            assert torch.equal(out, expected), (view, seed)
+            assert torch.equal(state, expected_state), (view, seed)
