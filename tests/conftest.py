@@ -29,3 +29,11 @@ def supervised_digits_40(tmp_path_factory: pytest.TempPathFactory) -> list[dict]
     from tests.helpers import GATE_SEEDS, train_digits
 
     return train_digits("supervised_digits_40", GATE_SEEDS, tmp_path_factory.mktemp("supervised"))
+
+
+@pytest.fixture(scope="session")
+def fixmatch_digits_40(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The FixMatch digits runs, trained once per session for every gate that compares against them."""
+    from tests.helpers import GATE_SEEDS, train_digits
+
+    return train_digits("fixmatch_digits_40", GATE_SEEDS, tmp_path_factory.mktemp("fixmatch"))

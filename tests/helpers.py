@@ -29,8 +29,9 @@ def tiny_overrides(name: str, data_root: Path) -> list[str]:
     """Overrides that keep an experiment's method and backbone but fit it to the generated files."""
     config = experiment_config(name)
     data_class = config["data"]["class_path"].rsplit(".", 1)[1]
-    overrides = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
-                 "--data.num_workers=0"]
+    # One CPU process: no DDP, and no SyncBatchNorm (it refuses CPU modules).
+    overrides = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+                 "--trainer.sync_batchnorm=false", "--trainer.precision=32-true", "--data.num_workers=0"]
     if data_class == "DigitsDataModule":
         return [*overrides, f"--data.data_dir={data_root}"]
     labels = config["data"]["init_args"].get("num_labels")

@@ -91,3 +91,14 @@ def test_bf16_mixed_precision_by_trainer_config_alone(tmp_path: Path) -> None:
     assert code == 0 and results is not None
     payload = read_results(results)
     assert payload["precision"] == "bf16-mixed" and payload["test"]["nll"] == payload["test"]["nll"]
+
+
+def test_without_ema_the_raw_weights_are_reported(tmp_path: Path) -> None:
+    code, results = run_cli(
+        ["--config", str(REPO / "experiments/supervised_digits_40.yaml"), "--trainer.fast_dev_run=1",
+         "--model.ema_decay=null", f"--data.data_dir={tmp_path}"],
+        tmp_path,
+    )
+    assert code == 0 and results is not None
+    payload = read_results(results)
+    assert payload["test"] == payload["test_raw"] and "acc" in payload["test"]

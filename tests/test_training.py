@@ -12,12 +12,14 @@ import torch
 
 from tests.helpers import REPO, checkpoint_weights, read_results, run_cli
 
-DIGITS = str(REPO / "experiments/fixmatch_digits_40.yaml")
+# Every method that keeps state across steps: resume and DDP must reproduce that state too.
+STATEFUL = ["fixmatch_digits_40", "infomatch_digits_40"]
 
 
-def _short(tmp_path: Path, steps: int) -> list[str]:
+def _short(tmp_path: Path, steps: int, experiment: str = "fixmatch_digits_40") -> list[str]:
     # The schedule length is pinned so a shorter run and a longer one share the same learning rates.
-    return ["--config", DIGITS, f"--data.data_dir={tmp_path}", "--model.schedule_steps=8",
+    config = str(REPO / "experiments" / f"{experiment}.yaml")
+    return ["--config", config, f"--data.data_dir={tmp_path}", "--model.schedule_steps=8",
             f"--trainer.max_steps={steps}", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false"]
 
 
@@ -27,17 +29,18 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_interrupt_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    code, full = run_cli(_short(tmp_path, 8), tmp_path / "full")
+@pytest.mark.parametrize("experiment", STATEFUL)
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path: Path, experiment: str) -> None:
+    code, full = run_cli(_short(tmp_path, 8, experiment), tmp_path / "full")
     assert code == 0 and full is not None
 
     interrupt = '[{"class_path": "tests.helpers.InterruptAt", "init_args": {"step": 5}}]'
     with pytest.raises(SystemExit):
-        run_cli([*_short(tmp_path, 8), f"--trainer.callbacks={interrupt}"], tmp_path / "cut")
+        run_cli([*_short(tmp_path, 8, experiment), f"--trainer.callbacks={interrupt}"], tmp_path / "cut")
     saved = next((tmp_path / "cut").rglob("interrupted.ckpt"))
     assert torch.load(saved, map_location="cpu", weights_only=False)["global_step"] == 5
 
-    code, resumed = run_cli([*_short(tmp_path, 8), f"--ckpt_path={saved}"], tmp_path / "resumed")
+    code, resumed = run_cli([*_short(tmp_path, 8, experiment), f"--ckpt_path={saved}"], tmp_path / "resumed")
     assert code == 0 and resumed is not None
     assert read_results(resumed)["global_step"] == 8
     _assert_same_weights(
@@ -62,11 +65,12 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
 
 
-def _train_subprocess(run_root: Path, data_dir: Path, devices: int) -> Path:
+def _train_subprocess(run_root: Path, data_dir: Path, devices: int, experiment: str) -> Path:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     command = [
-        sys.executable, "-m", "ssl_lightning", "fit", "--config", DIGITS, f"--run_root={run_root}",
+        sys.executable, "-m", "ssl_lightning", "fit", "--config", str(REPO / "experiments" / f"{experiment}.yaml"),
+        f"--run_root={run_root}",
         f"--data.data_dir={data_dir}", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
         "--trainer.enable_progress_bar=false", f"--trainer.devices={devices}",
         # SyncBatchNorm refuses CPU modules, and per-rank BatchNorm statistics legitimately depend on the
@@ -81,10 +85,12 @@ def _train_subprocess(run_root: Path, data_dir: Path, devices: int) -> Path:
 
 
 @pytest.mark.ddp
-def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path: Path) -> None:
-    """Same global batch (B=16, mu=3) on 1 process and on 2 gloo processes: same weights and EMA state."""
-    single = _train_subprocess(tmp_path / "single", tmp_path, devices=1)
-    double = _train_subprocess(tmp_path / "double", tmp_path, devices=2)
+@pytest.mark.parametrize("experiment", STATEFUL)
+def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path: Path, experiment: str) -> None:
+    """Same global batch (B=16, mu=3) on 1 process and on 2 gloo processes: same weights, EMA and
+    method state (InfoMatch's self-adaptive thresholds are all-reduced over the global batch)."""
+    single = _train_subprocess(tmp_path / "single", tmp_path, devices=1, experiment=experiment)
+    double = _train_subprocess(tmp_path / "double", tmp_path, devices=2, experiment=experiment)
     assert read_results(double)["devices"] == 2
     a = checkpoint_weights(single.parent / "checkpoints/last.ckpt")
     b = checkpoint_weights(double.parent / "checkpoints/last.ckpt")

@@ -29,7 +29,7 @@ from ssl_lightning.data.sampling import (
 )
 from ssl_lightning.data.sources import ConcatSource, ImageSource, SubsetSource
 from ssl_lightning.data.splits import Split, SplitSpec, load_or_create_split
-from ssl_lightning.data.views import ViewConfig, build_view
+from ssl_lightning.data.views import DerivedView, ViewConfig, build_view, build_views
 
 LABELED_STREAM, UNLABELED_STREAM = 0, 1
 
@@ -77,7 +77,10 @@ class ViewDataset(Dataset):
         return len(self.source)
 
     def _apply_views(self, image: torch.Tensor) -> list[torch.Tensor]:
-        return [view(image) for view in self.views]
+        outputs: list[torch.Tensor] = []
+        for view in self.views:
+            outputs.append(view.apply(outputs) if isinstance(view, DerivedView) else view(image))
+        return outputs
 
     def _item(self, index: int, draw: int | None) -> tuple:
         image = self.source.load(index)
@@ -259,7 +262,7 @@ class SSLDataModule(LightningDataModule):
                 f"no views configured for the {stream} stream: set --data.{stream}_views "
                 "or attach the DataModule to a method that declares its views"
             )
-        return [build_view(name, self.view_config) for name in names]
+        return build_views(names, self.view_config)
 
     def _stream_loader(self, source: ImageSource, indices: np.ndarray, views: list[Any], global_batch: int,
                        stream_id: int) -> DataLoader:

@@ -623,7 +623,8 @@ class WeakView:
             top, left = offsets[0] % (height - size + 1), offsets[1] % (width - size + 1)
         if pad == 0:
             image = image.flip(-1) if flip else image
-            return image[:, top : top + size, left : left + size]
+            # Contiguous, like the gather path below: the ops that follow may flatten the image.
+            return image[:, top : top + size, left : left + size].contiguous()
         # Flip, pad and crop in one gather of rows then columns: flipping and reflect-padding the whole
         # image only to keep a window of it costs several times more on small images.
         rows = _reflect_indices(image.shape[-2], pad, flip=False)[top : top + size]
@@ -707,3 +708,36 @@ def view_throughput(view_name: str, config: ViewConfig, n_images: int = 2000, ch
     finally:
         torch.set_num_threads(threads)
     return n_images / elapsed
+
+
+class DerivedView:
+    """``"<view>@<base>"``: the augmentation of ``view`` applied to the output of an earlier ``base`` view.
+
+    ``"strong@weak"`` adds RandAugment and Cutout on top of the same item's ``weak`` image, so the two
+    share its crop and flip (InfoMatch's strong views are built this way); a plain ``"strong"`` draws
+    its own crop and flip.
+    """
+
+    def __init__(self, view: StrongView, base_index: int) -> None:
+        self.view = view
+        self.base_index = base_index
+
+    def apply(self, previous: list[Tensor]) -> Tensor:
+        return self.view.augment(previous[self.base_index])
+
+
+def build_views(names: list[str], config: ViewConfig) -> list[Callable[[Tensor], Tensor] | DerivedView]:
+    """The views of one stream, in order, resolving ``"<view>@<base>"`` against earlier entries."""
+    views: list[Callable[[Tensor], Tensor] | DerivedView] = []
+    for position, name in enumerate(names):
+        if "@" not in name:
+            views.append(build_view(name, config))
+            continue
+        view_name, base_name = name.split("@", 1)
+        view = build_view(view_name, config)
+        if not isinstance(view, StrongView):
+            raise ValueError(f"view {name!r}: only 'strong' and 'randaug' can be applied on top of another view")
+        if base_name not in names[:position]:
+            raise ValueError(f"view {name!r} needs a {base_name!r} view earlier in the same list, got {names}")
+        views.append(DerivedView(view, names.index(base_name)))
+    return views

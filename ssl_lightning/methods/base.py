@@ -9,6 +9,7 @@ diagnostics, the non-finite-loss guard) lives here once.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any, ClassVar
 
@@ -20,6 +21,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ssl_lightning.components.ema import EMAWeights
 from ssl_lightning.data.module import StreamBatch
+from ssl_lightning.data.sampling import augmentation_seed
 from ssl_lightning.metrics.classification import classification_metrics
 from ssl_lightning.nets import build_backbone
 
@@ -135,6 +137,27 @@ class Method(LightningModule):
         logits = self(torch.cat(views))
         return list(logits.split([v.shape[0] for v in views]))
 
+    def step_generator(self, salt: int = 0) -> torch.Generator:
+        """A generator on this module's device seeded by (run seed, global step, salt), alike on all ranks.
+
+        Method-side randomness drawn from it (CutMix boxes, permutations) is a function of the step
+        alone: a resumed run draws what an uninterrupted one would have, and every rank draws the same
+        values, so a method draws for the global batch and takes its rank's slice.
+        """
+        run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = augmentation_seed(run_seed, 1000 + salt, self.global_step)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def gather_global(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``tensor`` from every rank in rank order (no gradient); itself on one process."""
+        if self.world_size == 1:
+            return tensor
+        return self.all_gather(tensor.detach()).flatten(0, 1)
+
     def evaluation_backbone(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.backbone
 
@@ -233,10 +256,10 @@ class Method(LightningModule):
             key = f"{stream}_{weights}"
             if key not in self.eval_metrics:
                 continue
-            prefix = stream if weights == "ema" or self.ema is None else f"{stream}_raw"
-            if weights == "raw" and self.ema is not None or weights == "ema":
-                values = self.eval_metrics[key].compute()
-                self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=False)
+            # Without EMA weights the raw weights are what the stream reports under its plain name.
+            prefix = f"{stream}_raw" if weights == "raw" and self.ema is not None else stream
+            values = self.eval_metrics[key].compute()
+            self.log_dict({f"{prefix}/{k}": v for k, v in values.items()})
             self.eval_metrics[key].reset()
 
     def validation_step(self, batch: StreamBatch, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -145,3 +145,22 @@ def test_validation_split_is_carved_from_training_pool() -> None:
     assert not val & set(dm.split.labeled_indices.tolist())
     assert not val & set(dm._unlabeled_indices.tolist())
     assert len(dm.val_dataloader()) == 2
+
+
+def test_derived_strong_views_share_the_weak_crop() -> None:
+    dm = DigitsDataModule(seed=0, cutout=0.0, randaug_ops=0, labeled_views=["weak"],
+                          unlabeled_views=["weak", "strong@weak", "strong@weak", "strong"])
+    dm.setup("fit")
+    iterator = iter(dm.train_dataloader()["unlabeled"])
+    for _ in range(3):
+        weak, derived_a, derived_b, independent, *_ = next(iterator)
+        # With no RandAugment ops and no Cutout, a derived strong view is its base image exactly.
+        assert torch.equal(weak, derived_a) and torch.equal(weak, derived_b)
+    assert not torch.equal(weak, independent)
+
+
+def test_derived_view_needs_an_earlier_base() -> None:
+    dm = DigitsDataModule(unlabeled_views=["strong@weak", "weak"], labeled_views=["weak"])
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="earlier"):
+        dm.train_dataloader()
