@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 from ssl_lightning.components.ema import EMAWeights
 from ssl_lightning.data.module import StreamBatch
 from ssl_lightning.data.views import ViewConfig, view_throughput
-from ssl_lightning.methods import FixMatch
+from ssl_lightning.methods import FixMatch, InfoMatch
 from ssl_lightning.methods.base import cosine_factor, parameter_groups
 from ssl_lightning.nets import build_backbone
 
@@ -40,14 +40,16 @@ class _StepTimes(Callback):
         self.starts.append(time.perf_counter())
 
 
-def _batches(batch_size: int, mu: int, device: torch.device, seed: int = 0) -> list[dict[str, StreamBatch]]:
+def _batches(batch_size: int, mu: int, device: torch.device, seed: int = 0,
+             unlabeled_views: int = 2) -> list[dict[str, StreamBatch]]:
     generator = torch.Generator().manual_seed(seed)
 
     def stream(n: int, views: int) -> StreamBatch:
         images = [torch.randn(n, 3, 32, 32, generator=generator).to(device) for _ in range(views)]
         return StreamBatch(images, torch.randint(0, 10, (n,), generator=generator).to(device), torch.arange(n))
 
-    return [{"labeled": stream(batch_size, 1), "unlabeled": stream(batch_size * mu, 2)} for _ in range(4)]
+    return [{"labeled": stream(batch_size, 1), "unlabeled": stream(batch_size * mu, unlabeled_views)}
+            for _ in range(4)]
 
 
 class _Cycle:
@@ -165,6 +167,18 @@ def run(batch_size: int, mu: int, steps: int, warmup: int, repeats: int) -> list
     rows.append((f"ssl_lightning FixMatch step ({label})", f"{images_per_step / framework_step:,.1f} img/s",
                  f"median {framework_step * 1e3:.1f} ms/step, best {min(framework) * 1e3:.1f}; "
                  f"overhead {overhead:+.1f}% (median), {best_overhead:+.1f}% (best)"))
+    # Other methods, timed the same way (their own unlabeled views per step).
+    infomatch_batches = _batches(batch_size, mu, device, unlabeled_views=3)
+    infomatch: list[float] = []
+    for _ in range(max(1, repeats // 2)):
+        infomatch += framework_step_times(
+            lambda: InfoMatch(num_classes=10, backbone="wrn28_2"), infomatch_batches, steps, warmup, device,
+            precision,
+        )
+    infomatch_step = statistics.median(infomatch)
+    rows.append((f"ssl_lightning InfoMatch step ({label})",
+                 f"{batch_size * (1 + 4 * mu) / infomatch_step:,.1f} img/s",
+                 f"median {infomatch_step * 1e3:.1f} ms/step; {infomatch_step / framework_step:.2f}× FixMatch's step"))
     memory_kind = "max CUDA allocated" if device.type == "cuda" else "process peak RSS (cumulative)"
     rows.append((f"peak memory, plain loop ({memory_kind})", f"{peaks['plain']:,.0f} MiB", ""))
     rows.append((f"peak memory, ssl_lightning ({memory_kind})", f"{peaks['framework']:,.0f} MiB", ""))
