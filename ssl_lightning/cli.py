@@ -212,6 +212,7 @@ class SSLCLI(LightningCLI):
             "train_images_per_s": None if throughput is None else throughput.average(),
             "test": test,
             "test_raw": test_raw,
+            "test_monitor": summarize_history(getattr(model, "eval_history", [])),
             "label_protocol": None if spec is None else {
                 k: v for k, v in vars(spec).items() if k != "fixed_indices"
             },
@@ -222,6 +223,25 @@ class SSLCLI(LightningCLI):
         path = self.run_dir / "results.json"
         path.write_text(json.dumps(results, indent=2))
         return path
+
+
+def summarize_history(history: list[dict[str, float]], window: int = 20) -> dict[str, Any]:
+    """Last, mean of the last ``window`` and best of the test accuracies monitored during training.
+
+    The best is selected on the test set: it is optimistic and only comparable with published tables
+    that report the same; the name says so.
+    """
+    if not history:
+        return {"evaluations": 0}
+    accuracies = [entry["acc"] for entry in history]
+    best = max(history, key=lambda entry: entry["acc"])
+    return {
+        "evaluations": len(history),
+        "last_acc": accuracies[-1],
+        f"mean_last_{window}_acc": sum(accuracies[-window:]) / len(accuracies[-window:]),
+        "best_acc_test_selected_optimistic": best["acc"],
+        "best_step_test_selected_optimistic": best["step"],
+    }
 
 
 USER_ERRORS = (NonFiniteLossError, DatasetNotFoundError, SplitFileError, CheckpointError)

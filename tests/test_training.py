@@ -43,6 +43,9 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path: Path, experiment: s
     code, resumed = run_cli([*_short(tmp_path, 8, experiment), f"--ckpt_path={saved}"], tmp_path / "resumed")
     assert code == 0 and resumed is not None
     assert read_results(resumed)["global_step"] == 8
+    # The evaluation history survives the interruption: steps 2, 4, 6, 8 in both runs.
+    assert read_results(resumed)["test_monitor"] == read_results(full)["test_monitor"]
+    assert read_results(full)["test_monitor"]["evaluations"] == 4
     _assert_same_weights(
         checkpoint_weights(full.parent / "checkpoints/last.ckpt"),
         checkpoint_weights(resumed.parent / "checkpoints/last.ckpt"),

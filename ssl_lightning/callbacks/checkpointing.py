@@ -60,6 +60,7 @@ class RunCheckpoints(Callback):
 
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
+        self._saving_interrupt = False
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
@@ -70,7 +71,23 @@ class RunCheckpoints(Callback):
         if not isinstance(exception, KeyboardInterrupt):
             return
         path = self.dirpath / "interrupted.ckpt"
-        trainer.save_checkpoint(path)
+        self._saving_interrupt = True
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            self._saving_interrupt = False
         if trainer.is_global_zero:
             print(f"\nInterrupted at step {trainer.global_step}; weights saved to {path}.\n"
                   f"Resume with the same command plus --ckpt_path={path}", file=sys.stderr)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not self._saving_interrupt:
+            return
+        # The interrupted batch was counted as started but never finished. Lightning rolls back only the
+        # per-epoch counters on restart, so the evaluation cadence of a resumed run would shift by one;
+        # align every batch counter with the optimiser steps actually taken (one batch per step here).
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        shift = checkpoint["global_step"] - progress["total"]["completed"]
+        for counters in (progress["total"], progress["current"]):
+            done = counters["completed"] + shift
+            counters.update({key: done for key in ("ready", "started", "processed", "completed")})

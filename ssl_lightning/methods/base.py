@@ -119,6 +119,9 @@ class Method(LightningModule):
         self.eval_metrics = nn.ModuleDict()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.confusion_matrix: torch.Tensor | None = None
+        # Every monitored test evaluation (step and metrics of the EMA weights). Checkpointed, so a
+        # resumed run still reports last, mean of the last 20 and best over the whole training.
+        self.eval_history: list[dict[str, float]] = []
 
     # ----- what a method implements --------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, StreamBatch]) -> dict[str, torch.Tensor]:
@@ -261,6 +264,8 @@ class Method(LightningModule):
             values = self.eval_metrics[key].compute()
             self.log_dict({f"{prefix}/{k}": v for k, v in values.items()})
             self.eval_metrics[key].reset()
+            if stream == "test_monitor" and prefix == stream and not self.trainer.sanity_checking:
+                self.eval_history.append({"step": self.global_step, **{k: float(v) for k, v in values.items()}})
 
     def validation_step(self, batch: StreamBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, self._eval_stream_name(dataloader_idx))
@@ -268,6 +273,12 @@ class Method(LightningModule):
     def on_validation_epoch_end(self) -> None:
         for stream in ("val", "test_monitor"):
             self._log_stream(stream)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["eval_history"] = list(self.eval_history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.eval_history = list(checkpoint.get("eval_history", []))
 
     def test_step(self, batch: StreamBatch, batch_idx: int) -> None:
         self._evaluate(batch, "test")

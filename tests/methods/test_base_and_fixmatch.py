@@ -108,3 +108,43 @@ def test_nll_metric_matches_cross_entropy() -> None:
 def test_classification_metrics_names() -> None:
     assert set(classification_metrics(10)) == {"acc", "acc_top5", "macro_f1", "ece", "nll"}
     assert set(classification_metrics(3)) == {"acc", "macro_f1", "ece", "nll"}
+
+
+def test_ema_after_1000_updates_matches_closed_form() -> None:
+    """InfoMatch spec T15: student at 1, EMA from 0, d = 0.999 → 1 − 0.999^1000 after 1,000 updates."""
+    student = nn.Linear(2, 2)
+    ema = EMAWeights(student, decay=0.999)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.zero_()
+        for p in student.parameters():
+            p.fill_(1.0)
+    for _ in range(1000):
+        ema.update(student)
+    torch.testing.assert_close(ema.module.weight, torch.full((2, 2), 1 - 0.999**1000), atol=1e-5, rtol=0)
+    assert float(ema.module.weight[0, 0]) == pytest.approx(0.632305, abs=1e-5)
+
+
+def test_learning_rate_values_of_the_spec() -> None:
+    """InfoMatch spec T16: lr(0) = 0.03, lr(K/2) = 0.0231903, lr(K) = 0.0058527."""
+    K = 2**20
+    assert [0.03 * cosine_factor(k, K) for k in (0, K // 2, K)] == pytest.approx([0.03, 0.0231903, 0.0058527],
+                                                                                  abs=1e-7)
+
+
+@pytest.mark.parametrize("name", ["wrn28_2", "resnet50"])
+def test_weight_decay_groups_on_real_backbones(name: str) -> None:
+    """InfoMatch spec T17: every conv/linear weight decays; every bias and norm parameter does not,
+    including ResNet-50's ``downsample`` BatchNorm, which name-based rules miss."""
+    from ssl_lightning.nets import build_backbone
+
+    model = build_backbone(name, num_classes=10)
+    decay, no_decay = (set(map(id, group["params"])) for group in parameter_groups(model, 5e-4))
+    for module in model.modules():
+        for param_name, parameter in module.named_parameters(recurse=False):
+            is_weight = isinstance(module, nn.Conv2d | nn.Linear) and param_name == "weight"
+            assert (id(parameter) in decay) == is_weight
+            assert (id(parameter) in no_decay) == (not is_weight)
+    downsample_bn = [m for n, m in model.named_modules() if "downsample" in n and isinstance(m, nn.BatchNorm2d)]
+    assert name == "wrn28_2" or downsample_bn
+    assert all(id(m.weight) in no_decay for m in downsample_bn)
