@@ -68,7 +68,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
 
 
-def _train_subprocess(run_root: Path, data_dir: Path, devices: int, experiment: str) -> Path:
+def _start_training(run_root: Path, data_dir: Path, devices: int, experiment: str) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     command = [
@@ -82,9 +82,13 @@ def _train_subprocess(run_root: Path, data_dir: Path, devices: int, experiment: 
         "--model.backbone=mlp", '--model.backbone_args={"hidden_dims": [64]}',
         "--trainer.strategy=" + ("ddp" if devices > 1 else "auto"),
     ]
-    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return Path(out.stdout.strip().splitlines()[-1])
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _results_of(process: subprocess.Popen) -> Path:
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    return Path(stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.ddp
@@ -92,8 +96,10 @@ def _train_subprocess(run_root: Path, data_dir: Path, devices: int, experiment: 
 def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path: Path, experiment: str) -> None:
     """Same global batch (B=16, mu=3) on 1 process and on 2 gloo processes: same weights, EMA and
     method state (InfoMatch's self-adaptive thresholds are all-reduced over the global batch)."""
-    single = _train_subprocess(tmp_path / "single", tmp_path, devices=1, experiment=experiment)
-    double = _train_subprocess(tmp_path / "double", tmp_path, devices=2, experiment=experiment)
+    # Both layouts train at once: most of the cost is interpreter start-up, which then overlaps.
+    single_run = _start_training(tmp_path / "single", tmp_path, devices=1, experiment=experiment)
+    double_run = _start_training(tmp_path / "double", tmp_path, devices=2, experiment=experiment)
+    single, double = _results_of(single_run), _results_of(double_run)
     assert read_results(double)["devices"] == 2
     a = checkpoint_weights(single.parent / "checkpoints/last.ckpt")
     b = checkpoint_weights(double.parent / "checkpoints/last.ckpt")
