@@ -183,11 +183,10 @@ class SSLCLI(LightningCLI):
         trainer.test(model, datamodule=datamodule, verbose=False)
         if trainer.is_global_zero:
             self.results_path = self._write_results(wall_time)
+        # Close the W&B run now, so its closing messages come before the results path.
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                import wandb
-
-                wandb.finish(quiet=True)
+                logger.experiment.finish()
         if trainer.is_global_zero:
             print(self.results_path)
 

@@ -102,3 +102,19 @@ def test_without_ema_the_raw_weights_are_reported(tmp_path: Path) -> None:
     assert code == 0 and results is not None
     payload = read_results(results)
     assert payload["test"] == payload["test_raw"] and "acc" in payload["test"]
+
+
+def test_default_wandb_logger_runs_offline_and_results_path_is_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The default logger as a user meets it: W&B offline, files in the run directory."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    code, results = run_cli(
+        ["--config", str(REPO / "experiments/supervised_digits_40.yaml"), "--trainer.max_steps=2",
+         "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false", f"--data.data_dir={tmp_path}"],
+        tmp_path,
+    )
+    assert code == 0 and results is not None
+    assert list((results.parent / "wandb").glob("offline-run-*"))
+    assert capfd.readouterr().out.strip().splitlines()[-1] == str(results)
