@@ -161,9 +161,6 @@ class Method(LightningModule):
             return tensor
         return self.all_gather(tensor.detach()).flatten(0, 1)
 
-    def evaluation_backbone(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.backbone
-
     # ----- training --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
