@@ -9,6 +9,8 @@ DEMO := fixmatch_digits_40
 EXP ?= $(DEMO)
 ARGS ?=
 PYTEST_ARGS ?=
+# One pytest worker per core (pytest-xdist); each worker trains with one thread (tests/conftest.py).
+TEST_WORKERS ?= auto
 export UV_PYTHON_DOWNLOADS := never
 
 .PHONY: help env train test bench lint experiments
@@ -44,7 +46,7 @@ train: $(STAMP)
 	$(PY) -m ssl_lightning fit --config experiments/$(EXP).yaml $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m ssl_lightning.bench

@@ -1,16 +1,37 @@
-"""Shared test setup: no W&B, few threads, generated datasets in the official formats."""
+"""Shared test setup: no W&B, few threads, generated datasets in the official formats, gate runs.
+
+The suite runs under pytest-xdist (``make test``: one worker per core). Each worker then uses one
+intra-op thread: on 2 cores, two single-threaded digits runs side by side finish in the time one
+two-threaded run takes. Quality-gate runs are shared by every worker through a file lock, so a
+baseline such as ``supervised_digits_40`` is trained once per session wherever it is first needed.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 os.environ["WANDB_MODE"] = "disabled"
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+os.environ.setdefault("OMP_NUM_THREADS", "1" if _WORKER else "2")
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _WORKER:
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The long quality gates first: workers then share out the short tests while the gates run,
+    # instead of one worker starting a five-minute gate at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -24,16 +45,12 @@ def fixture_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def supervised_digits_40(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """The supervised baseline every digits gate compares against, trained once per session."""
-    from tests.helpers import GATE_SEEDS, train_digits
+def digits_gate(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[dict]]:
+    """``digits_gate(experiment)``: the shipped digits config trained on the gate seeds, once per session
+    across all workers (the base temp directory's parent is shared by the xdist workers)."""
+    from tests.helpers import shared_digits_runs
 
-    return train_digits("supervised_digits_40", GATE_SEEDS, tmp_path_factory.mktemp("supervised"))
-
-
-@pytest.fixture(scope="session")
-def fixmatch_digits_40(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """The FixMatch digits runs, trained once per session for every gate that compares against them."""
-    from tests.helpers import GATE_SEEDS, train_digits
-
-    return train_digits("fixmatch_digits_40", GATE_SEEDS, tmp_path_factory.mktemp("fixmatch"))
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if _WORKER else base) / "digits-gates"
+    root.mkdir(parents=True, exist_ok=True)
+    return lambda experiment: shared_digits_runs(experiment, root)

@@ -73,6 +73,22 @@ class FixMatchNaNAt(FixMatch):
         return terms
 
 
+def capture_backbone_logits(model: LightningModule, monkeypatch: Any) -> dict[str, torch.Tensor]:
+    """Wrap ``model.backbone.forward_with_features`` so the logits of its last call keep their gradient;
+    returns the dict that will hold them under ``"logits"``."""
+    captured: dict[str, torch.Tensor] = {}
+    original = model.backbone.forward_with_features
+
+    def capture(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = original(images)
+        logits.retain_grad()
+        captured["logits"] = logits
+        return logits, features
+
+    monkeypatch.setattr(model.backbone, "forward_with_features", capture)
+    return captured
+
+
 class InterruptAt(Callback):
     """Raises KeyboardInterrupt (as Ctrl-C would) when training reaches ``step``."""
 
@@ -96,6 +112,36 @@ def train_digits(experiment: str, seeds: list[int], tmp_path: Path, *extra: str)
         assert code == 0 and path is not None
         results.append(read_results(path))
     return results
+
+
+def shared_digits_runs(experiment: str, root: Path) -> list[dict[str, Any]]:
+    """:func:`train_digits` on the gate seeds, each (experiment, seed) trained once under ``root`` by
+    whichever process asks first; the others wait on its lock and read its results."""
+    from filelock import FileLock
+
+    results = []
+    for seed in GATE_SEEDS:
+        cached = root / f"{experiment}-{seed}.json"
+        with FileLock(str(cached) + ".lock"):
+            if not cached.exists():
+                (result,) = train_digits(experiment, [seed], root / "runs")
+                cached.write_text(json.dumps(result))
+        results.append(json.loads(cached.read_text()))
+    return results
+
+
+def train_log(result: dict[str, Any]) -> dict[str, list[float]]:
+    """Every logged value of each ``train/`` metric of a run, in step order, from its CSV log."""
+    import csv
+
+    run_dir = Path(result["ckpt_path"]).parent.parent
+    columns: dict[str, list[float]] = {}
+    with next(run_dir.rglob("metrics.csv")).open() as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key.startswith("train/") and value not in ("", None):
+                    columns.setdefault(key.removeprefix("train/"), []).append(float(value))
+    return columns
 
 
 def mean_test_acc(results: list[dict[str, Any]]) -> float:
