@@ -200,7 +200,7 @@ class SSLCLI(LightningCLI):
         spec = getattr(datamodule, "split_spec", None)
         results = {
             "experiment": self._subconfig().experiment,
-            "method": type(model).__name__.lower(),
+            "method": model.method_name,
             "dataset": getattr(datamodule, "dataset_key", type(datamodule).__name__),
             "num_labels": None if split is None else int(len(split.labeled_indices)),
             "seed": self._subconfig().seed_everything,
@@ -211,6 +211,7 @@ class SSLCLI(LightningCLI):
             "train_images_per_s": None if throughput is None else throughput.average(),
             "test": test,
             "test_raw": test_raw,
+            "headline_weights": model.headline_weights,
             "test_monitor": summarize_history(getattr(model, "eval_history", [])),
             "label_protocol": None if spec is None else {
                 k: v for k, v in vars(spec).items() if k != "fixed_indices"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +35,25 @@ class NonFiniteLossError(RuntimeError):
     """Raised before the optimiser step when a loss is NaN or infinite, so no weight is corrupted."""
 
 
-def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
-    """The FixMatch schedule ``cos(7πk / 16K)`` (floored at 0), after an optional linear warm-up."""
+def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0, kind: str = "fixmatch") -> float:
+    """The learning-rate factor at ``step`` after an optional linear warm-up.
+
+    ``fixmatch``: ``cos(7πk / 16K)`` (floored at 0). ``half``: ``½(1 + cos(πk'/K'))`` with k' and K'
+    counted after the warm-up (MoCo/EMAN-style ImageNet recipes).
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if kind == "half":
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind != "fixmatch":
+        raise ValueError(f"unknown learning-rate schedule {kind!r}: use 'fixmatch' or 'half'")
     return max(0.0, math.cos(7.0 * math.pi * step / (16.0 * total_steps)))
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weights only: biases and every normalisation layer's parameters are exempt.
+def parameter_groups(module: nn.Module, weight_decay: float, exempt_norm_and_bias: bool = True) -> list[dict[str, Any]]:
+    """Weight decay on weights only: biases and every normalisation layer's parameters are exempt
+    (unless ``exempt_norm_and_bias`` is false, as in recipes that decay every parameter).
 
     Selected by module type, not by parameter name, so norm layers under any name are caught.
     """
@@ -52,7 +62,8 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
         for name, parameter in submodule.named_parameters(recurse=False):
             if not parameter.requires_grad:
                 continue
-            if isinstance(submodule, _NORM_LAYERS) or name == "bias" or parameter.ndim <= 1:
+            exempt = isinstance(submodule, _NORM_LAYERS) or name == "bias" or parameter.ndim <= 1
+            if exempt and exempt_norm_and_bias:
                 no_decay.append(parameter)
             else:
                 decay.append(parameter)
@@ -71,9 +82,11 @@ class Method(LightningModule):
         backbone_args: extra keyword arguments of the backbone constructor.
         lr: base learning rate ``lr_0``.
         momentum, nesterov: SGD settings.
-        weight_decay: coupled L2 on weights (never on biases or normalisation layers).
+        weight_decay: coupled L2 on weights (not on biases or normalisation layers, see next).
+        decay_norm_and_bias: also decay biases and normalisation parameters (some ImageNet recipes).
         schedule_steps: ``K`` of the cosine schedule (``None``: the trainer's ``max_steps``).
         warmup_steps: linear learning-rate warm-up steps.
+        lr_schedule: ``fixmatch`` (cos(7πk/16K)) or ``half`` (½(1 + cos πk/K)); see :func:`cosine_factor`.
         ema_decay: decay of the EMA evaluation weights (``None``: evaluate the raw weights only).
         channels_last: use the channels-last memory format (faster convolutions on GPUs).
     """
@@ -92,8 +105,10 @@ class Method(LightningModule):
         momentum: float = 0.9,
         nesterov: bool = True,
         weight_decay: float = 5e-4,
+        decay_norm_and_bias: bool = False,
         schedule_steps: int | None = None,
         warmup_steps: int = 0,
+        lr_schedule: Literal["fixmatch", "half"] = "fixmatch",
         ema_decay: float | None = 0.999,
         channels_last: bool = False,
     ) -> None:
@@ -109,8 +124,10 @@ class Method(LightningModule):
         self.momentum = momentum
         self.nesterov = nesterov
         self.weight_decay = weight_decay
+        self.decay_norm_and_bias = decay_norm_and_bias
         self.schedule_steps = schedule_steps
         self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -127,6 +144,16 @@ class Method(LightningModule):
     def compute_losses(self, batch: dict[str, StreamBatch]) -> dict[str, torch.Tensor]:
         """Return ``{"loss": total}`` plus any named terms to log."""
         raise NotImplementedError
+
+    @property
+    def method_name(self) -> str:
+        """The name results are filed under (``results.json`` ``method``)."""
+        return type(self).__name__.lower()
+
+    @property
+    def headline_weights(self) -> str:
+        """Which weights the headline numbers come from: ``ema`` (``test``) or ``raw`` (``test_raw``)."""
+        return "ema" if self.ema is not None else "raw"
 
     # ----- forward helpers ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -190,14 +217,14 @@ class Method(LightningModule):
         # foreach: a few multi-tensor kernels instead of ~5 small ops per parameter. On CPU, where the
         # per-parameter loop is PyTorch's default, this measured 4 ms against 264 ms per WRN-28-2 step.
         optimizer = torch.optim.SGD(
-            parameter_groups(self, self.weight_decay),
+            parameter_groups(self, self.weight_decay, exempt_norm_and_bias=not self.decay_norm_and_bias),
             lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, foreach=True,
         )
         total = self.schedule_steps or self.trainer.max_steps
         if total is None or total <= 0:
             raise ValueError("the cosine schedule needs --model.schedule_steps or --trainer.max_steps > 0")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_factor(step, total, self.warmup_steps)
+            optimizer, lambda step: cosine_factor(step, total, self.warmup_steps, self.lr_schedule)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
