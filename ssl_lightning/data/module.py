@@ -249,6 +249,18 @@ class SSLDataModule(LightningDataModule):
             unlabeled_indices = np.concatenate([unlabeled_indices, extra])
         self._unlabeled_indices = unlabeled_indices
 
+    def labeled_subset(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pool indices of the labeled examples (what ``StreamBatch.indices`` holds) and the labels the
+        model trains on (noisy under label noise), for methods that keep per-example state."""
+        self.setup()
+        assert self.split is not None
+        return self.split.labeled_indices, self.split.labeled_targets
+
+    def unlabeled_epoch_steps(self) -> int:
+        """⌊|U| / μB⌋: optimiser steps in one pass over the unlabeled pool."""
+        self.setup()
+        return len(self._unlabeled_indices) // max(1, self.mu * self.batch_size)
+
     # ----- loaders -----------------------------------------------------------------------------------
     def _world(self) -> tuple[int, int, int]:
         trainer = self.trainer

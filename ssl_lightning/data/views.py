@@ -7,6 +7,11 @@ A *view* is a picklable callable ``Tensor -> Tensor`` built by name from a :clas
   ``image_size``.
 - ``randaug``: ``weak``, then :class:`RandAugment`.
 - ``strong``: ``weak``, then :class:`RandAugment`, then :class:`Cutout`.
+- ``resized_crop``: a random-resized crop (area 20–100%, aspect 3/4–4/3) to ``image_size`` and a
+  random horizontal flip (ImageNet weak view of MoCo-style recipes, e.g. SimMatch's).
+- ``moco_strong``: an independent ``resized_crop``, then colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8,
+  grayscale with p = 0.2 and a Gaussian blur (σ ∈ [0.1, 2], kernel ≈ 10% of the side) with p = 0.5
+  (MoCo v2's augmentation).
 
 RandAugment follows the TorchSSL/USB variant that the specs reference (infomatch §5.1, bhattacharyya
 §5.4): ``num_ops`` ops drawn *with replacement* from a fixed 14-op list, each at a magnitude drawn
@@ -29,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 #: Cutout's grey, as TorchSSL/USB draw it (roughly the CIFAR-10 pixel mean).
@@ -38,7 +44,7 @@ CUTOUT_FILL: tuple[int, int, int] = (125, 123, 114)
 #: "the TorchSSL RandAugment" and is silent on the geometric fill).
 GEOMETRIC_FILL: tuple[int, int, int] = (0, 0, 0)
 
-VIEW_NAMES: tuple[str, ...] = ("test", "identity", "weak", "randaug", "strong")
+VIEW_NAMES: tuple[str, ...] = ("test", "identity", "weak", "randaug", "strong", "resized_crop", "moco_strong")
 
 
 def _fill_for(fill: tuple[int, ...], channels: int) -> list[float]:
@@ -662,10 +668,43 @@ class StrongView:
         return f"StrongView(weak={self.weak!r}, randaug={self.randaug!r}, cutout={self.cutout!r})"
 
 
+def _resized_crop(size: int) -> list[v2.Transform]:
+    return [v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+
+
+class MocoView:
+    """``resized_crop`` and, when ``colour`` is set, MoCo v2's colour jitter, grayscale and blur.
+
+    torchvision's transforms draw from the torch global generator, so the DataModule's per-sample
+    seeding covers them. Grayscale keeps the channel count.
+    """
+
+    def __init__(self, image_size: int, colour: bool) -> None:
+        transforms = _resized_crop(image_size)
+        if colour:
+            kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # odd, about 10% of the side
+            transforms += [
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            ]
+        self.transform = v2.Compose(transforms)
+        self.image_size, self.colour = image_size, colour
+
+    def __call__(self, image: Tensor) -> Tensor:
+        _check_image(image)
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"MocoView(image_size={self.image_size}, colour={self.colour})"
+
+
 def build_view(name: str, config: ViewConfig) -> Callable[[Tensor], Tensor]:
     """The view called ``name`` (one of :data:`VIEW_NAMES`) under ``config``."""
     if name in ("test", "identity"):
         return IdentityView()
+    if name in ("resized_crop", "moco_strong"):
+        return MocoView(config.image_size, colour=name == "moco_strong")
     weak = WeakView(config.image_size, config.crop_pad, config.hflip)
     if name == "weak":
         return weak
