@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from ssl_lightning.components.ema import EMAWeights
 from ssl_lightning.data.module import StreamBatch
 from ssl_lightning.data.views import ViewConfig, view_throughput
-from ssl_lightning.methods import FixMatch, InfoMatch
+from ssl_lightning.methods import FixMatch, InfoMatch, SimMatch
 from ssl_lightning.methods.base import cosine_factor, parameter_groups
 from ssl_lightning.nets import build_backbone
 
@@ -134,6 +135,17 @@ def plain_fixmatch_step_times(batches: list, steps: int, warmup: int, device: to
     return times
 
 
+def _infomatch(batch_size: int) -> LightningModule:
+    return InfoMatch(num_classes=10, backbone="wrn28_2")
+
+
+def _simmatch(batch_size: int) -> LightningModule:
+    # Propagation on from the first step; the bank has one slot per labeled example of the batches.
+    model = SimMatch(num_classes=10, backbone="wrn28_2", instance_warmup_steps=0)
+    model.bank.reset(torch.arange(batch_size), torch.arange(batch_size) % 10, seed=0)
+    return model
+
+
 def run(batch_size: int, mu: int, steps: int, warmup: int, repeats: int) -> list[tuple[str, str, str]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"
@@ -168,17 +180,16 @@ def run(batch_size: int, mu: int, steps: int, warmup: int, repeats: int) -> list
                  f"median {framework_step * 1e3:.1f} ms/step, best {min(framework) * 1e3:.1f}; "
                  f"overhead {overhead:+.1f}% (median), {best_overhead:+.1f}% (best)"))
     # Other methods, timed the same way (their own unlabeled views per step).
-    infomatch_batches = _batches(batch_size, mu, device, unlabeled_views=3)
-    infomatch: list[float] = []
-    for _ in range(max(1, repeats // 2)):
-        infomatch += framework_step_times(
-            lambda: InfoMatch(num_classes=10, backbone="wrn28_2"), infomatch_batches, steps, warmup, device,
-            precision,
-        )
-    infomatch_step = statistics.median(infomatch)
-    rows.append((f"ssl_lightning InfoMatch step ({label})",
-                 f"{batch_size * (1 + 4 * mu) / infomatch_step:,.1f} img/s",
-                 f"median {infomatch_step * 1e3:.1f} ms/step; {infomatch_step / framework_step:.2f}× FixMatch's step"))
+    for name, factory, views in (("InfoMatch", _infomatch, 3), ("SimMatch", _simmatch, 2)):
+        method_batches = _batches(batch_size, mu, device, unlabeled_views=views)
+        times: list[float] = []
+        for _ in range(max(1, repeats // 2)):
+            times += framework_step_times(partial(factory, batch_size), method_batches, steps, warmup, device,
+                                          precision)
+        step = statistics.median(times)
+        rows.append((f"ssl_lightning {name} step ({label})",
+                     f"{batch_size * (1 + views * mu) / step:,.1f} img/s",
+                     f"median {step * 1e3:.1f} ms/step; {step / framework_step:.2f}× FixMatch's step"))
     memory_kind = "max CUDA allocated" if device.type == "cuda" else "process peak RSS (cumulative)"
     rows.append((f"peak memory, plain loop ({memory_kind})", f"{peaks['plain']:,.0f} MiB", ""))
     rows.append((f"peak memory, ssl_lightning ({memory_kind})", f"{peaks['framework']:,.0f} MiB", ""))

@@ -50,6 +50,13 @@ def test_unknown_key_in_yaml_names_it(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "treshold" in capsys.readouterr().err
 
 
+def test_simmatch_bank_size_is_derived_never_configured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """T-CFG: K comes from the labeled subset; a configured K is an unknown key, not a silently dead one."""
+    with pytest.raises(SystemExit):
+        run_cli(["--config", str(REPO / "experiments/simmatch_digits_40.yaml"), "--model.K=40"], tmp_path)
+    assert "K" in capsys.readouterr().err
+
+
 def test_unknown_experiment_lists_available() -> None:
     out = subprocess.run(["make", "-s", "train", "EXP=no_such_experiment"], cwd=REPO, capture_output=True,
                          text=True)

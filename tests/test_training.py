@@ -13,14 +13,22 @@ import torch
 from tests.helpers import REPO, checkpoint_weights, read_results, run_cli
 
 # Every method that keeps state across steps: resume and DDP must reproduce that state too.
-STATEFUL = ["fixmatch_digits_40", "infomatch_digits_40"]
+STATEFUL = ["fixmatch_digits_40", "infomatch_digits_40", "simmatch_digits_40"]
+# Settings that bring a method's later phases into these few steps (SimMatch: propagation and L_in from
+# step 2, so the bank, the DA window and the instance loss are all exercised).
+PHASES = {"simmatch_digits_40": ["--model.instance_warmup_steps=2"]}
+# The DDP check runs SimMatch with its EMA teacher and shuffle-BN: that path all-gathers images,
+# permutes the global batch and restores the order, on top of the bank and DA synchronisation the
+# online teacher shares. With a BatchNorm-free net the shuffle must change nothing.
+DDP_VARIANT = {"simmatch_digits_40": ["--model.teacher=ema", "--model.teacher_bn=shuffle"]}
 
 
 def _short(tmp_path: Path, steps: int, experiment: str = "fixmatch_digits_40") -> list[str]:
     # The schedule length is pinned so a shorter run and a longer one share the same learning rates.
     config = str(REPO / "experiments" / f"{experiment}.yaml")
     return ["--config", config, f"--data.data_dir={tmp_path}", "--model.schedule_steps=8",
-            f"--trainer.max_steps={steps}", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false"]
+            f"--trainer.max_steps={steps}", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false",
+            *PHASES.get(experiment, [])]
 
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -81,6 +89,7 @@ def _start_training(run_root: Path, data_dir: Path, devices: int, experiment: st
         # batch, rank-independent augmentation seeds, loss normalisation, EMA state and metric sync.
         "--model.backbone=mlp", '--model.backbone_args={"hidden_dims": [64]}',
         "--trainer.strategy=" + ("ddp" if devices > 1 else "auto"),
+        *PHASES.get(experiment, []), *DDP_VARIANT.get(experiment, []),
     ]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -95,7 +104,8 @@ def _results_of(process: subprocess.Popen) -> Path:
 @pytest.mark.parametrize("experiment", STATEFUL)
 def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path: Path, experiment: str) -> None:
     """Same global batch (B=16, mu=3) on 1 process and on 2 gloo processes: same weights, EMA and
-    method state (InfoMatch's self-adaptive thresholds are all-reduced over the global batch)."""
+    method state (InfoMatch's self-adaptive thresholds are all-reduced over the global batch; SimMatch's
+    bank is updated from the all-gathered labeled batch and its DA window from the all-reduced mean)."""
     # Both layouts train at once: most of the cost is interpreter start-up, which then overlaps.
     single_run = _start_training(tmp_path / "single", tmp_path, devices=1, experiment=experiment)
     double_run = _start_training(tmp_path / "double", tmp_path, devices=2, experiment=experiment)

@@ -3,6 +3,7 @@
 from ssl_lightning.methods.base import Method, NonFiniteLossError
 from ssl_lightning.methods.fixmatch import FixMatch
 from ssl_lightning.methods.infomatch import InfoMatch
+from ssl_lightning.methods.simmatch import SimMatch
 from ssl_lightning.methods.supervised import Supervised
 
-__all__ = ["FixMatch", "InfoMatch", "Method", "NonFiniteLossError", "Supervised"]
+__all__ = ["FixMatch", "InfoMatch", "Method", "NonFiniteLossError", "SimMatch", "Supervised"]

@@ -9,6 +9,7 @@ from ssl_lightning.data.module import StreamBatch
 from ssl_lightning.methods import FixMatch, InfoMatch
 from ssl_lightning.methods import infomatch as infomatch_module
 from ssl_lightning.methods.infomatch import ThresholdConfig
+from tests.helpers import capture_backbone_logits
 
 MLP = {"backbone": "mlp", "backbone_args": {"in_features": 3 * 8 * 8}}
 
@@ -62,16 +63,7 @@ def test_gradient_flow_by_view(monkeypatch: pytest.MonkeyPatch) -> None:
     """T12: no gradient reaches the weak-view logits; every other view's logits get one."""
     model = InfoMatch(num_classes=5, threshold=ThresholdConfig(mode="fixed", value=0.0), **MLP)
     _quiet(model, monkeypatch)
-    captured: dict[str, torch.Tensor] = {}
-    original = model.backbone.forward_with_features
-
-    def capture(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features = original(images)
-        logits.retain_grad()
-        captured["logits"] = logits
-        return logits, features
-
-    monkeypatch.setattr(model.backbone, "forward_with_features", capture)
+    captured = capture_backbone_logits(model, monkeypatch)
     model.compute_losses(_batch(labeled=4, unlabeled=6))["loss"].backward()
     labeled, weak, mixed, strong_1, strong_2 = captured["logits"].grad.split([4, 6, 6, 6, 6])
     assert torch.count_nonzero(weak) == 0

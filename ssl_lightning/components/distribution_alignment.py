@@ -1,0 +1,75 @@
+"""Distribution alignment over a sliding window of batch-mean predictions (SimMatch, ReMixMatch-style)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class DistributionAlignment(nn.Module):
+    """p̃_b = norm₁(p_b ⊘ p̄) with p̄ the mean of the last ``window`` global batch means (target: uniform).
+
+    State (persistent buffers, fp32/int64, checkpointed): the FIFO ``rows`` Q (N×C), the write pointer
+    ``pointer`` and the number of filled rows ``filled`` n ≤ N, and ``nonfinite_skips``. A step pushes
+    the mean of the *raw* probabilities over the global batch (all ranks, one all-reduce of the sum and
+    the count) **before** aligning, so the current batch counts. p̄ is the mean over the filled rows,
+    not over a zero-padded buffer; the two differ by the scalar n/N, which cancels in norm₁. The
+    window forgets completely: it is not an EMA.
+
+    A non-finite batch mean is never written (it would poison every later step and every checkpoint);
+    it is counted in ``nonfinite_skips`` instead.
+    """
+
+    rows: torch.Tensor
+    pointer: torch.Tensor
+    filled: torch.Tensor
+    nonfinite_skips: torch.Tensor
+
+    def __init__(self, num_classes: int, window: int = 32, sync: bool = True) -> None:
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"the distribution-alignment window must hold at least 1 row, got {window}")
+        self.num_classes = num_classes
+        self.window = window
+        self.sync = sync
+        self.register_buffer("rows", torch.zeros(window, num_classes, dtype=torch.float32))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("nonfinite_skips", torch.zeros((), dtype=torch.int64))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, window={self.window}, sync={self.sync}"
+
+    @torch.no_grad()
+    def push(self, probs: torch.Tensor) -> None:
+        """Write the global-batch mean of ``probs`` (N, C) into the window."""
+        probs = probs.detach().float()
+        packed = torch.cat([probs.sum(dim=0), probs.new_full((1,), probs.shape[0])])
+        if self.sync and _distributed():
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        count = packed[-1]
+        if count <= 0:
+            return
+        mean = packed[:-1] / count
+        if not torch.isfinite(mean).all():
+            self.nonfinite_skips += 1
+            return
+        self.rows[self.pointer] = mean
+        self.pointer.copy_((self.pointer + 1) % self.window)
+        self.filled.copy_(torch.clamp(self.filled + 1, max=self.window))
+
+    def mean(self) -> torch.Tensor:
+        """p̄: the mean over the filled rows (uniform before the first push)."""
+        if int(self.filled) == 0:
+            return self.rows.new_full((self.num_classes,), 1.0 / self.num_classes)
+        return self.rows[: int(self.filled)].mean(dim=0)
+
+    def log_align(self, logits: torch.Tensor) -> torch.Tensor:
+        """log p̃ = log_softmax(ℓ − log max(p̄, 1e-12)): the stable form of norm₁(σ(ℓ) ⊘ p̄)."""
+        return F.log_softmax(logits.detach().float() - self.mean().clamp_min(1e-12).log(), dim=-1)
