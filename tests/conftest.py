@@ -29,8 +29,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The long quality gates first: workers then share out the short tests while the gates run,
-    # instead of one worker starting a five-minute gate at the end.
+    # The long gate runs first: xdist's load scheduler hands tests out a few at a time as workers free
+    # up, so the short tests fill in around the long runs instead of one worker starting a long run at
+    # the end while the other idles.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
@@ -45,12 +46,12 @@ def fixture_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_gate(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[dict]]:
-    """``digits_gate(experiment)``: the shipped digits config trained on the gate seeds, once per session
-    across all workers (the base temp directory's parent is shared by the xdist workers)."""
-    from tests.helpers import shared_digits_runs
+def digits_gate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., list[dict]]:
+    """``digits_gate(experiment, seeds=GATE_SEEDS)``: the shipped digits config trained per seed, once per
+    session across all workers (the base temp directory's parent is shared by the xdist workers)."""
+    from tests.helpers import GATE_SEEDS, shared_digits_run
 
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if _WORKER else base) / "digits-gates"
     root.mkdir(parents=True, exist_ok=True)
-    return lambda experiment: shared_digits_runs(experiment, root)
+    return lambda experiment, seeds=tuple(GATE_SEEDS): [shared_digits_run(experiment, s, root) for s in seeds]

@@ -114,20 +114,17 @@ def train_digits(experiment: str, seeds: list[int], tmp_path: Path, *extra: str)
     return results
 
 
-def shared_digits_runs(experiment: str, root: Path) -> list[dict[str, Any]]:
-    """:func:`train_digits` on the gate seeds, each (experiment, seed) trained once under ``root`` by
-    whichever process asks first; the others wait on its lock and read its results."""
+def shared_digits_run(experiment: str, seed: int, root: Path) -> dict[str, Any]:
+    """:func:`train_digits` for one seed, trained once under ``root`` by whichever process asks first;
+    the others wait on its lock and read its results."""
     from filelock import FileLock
 
-    results = []
-    for seed in GATE_SEEDS:
-        cached = root / f"{experiment}-{seed}.json"
-        with FileLock(str(cached) + ".lock"):
-            if not cached.exists():
-                (result,) = train_digits(experiment, [seed], root / "runs")
-                cached.write_text(json.dumps(result))
-        results.append(json.loads(cached.read_text()))
-    return results
+    cached = root / f"{experiment}-{seed}.json"
+    with FileLock(str(cached) + ".lock"):
+        if not cached.exists():
+            (result,) = train_digits(experiment, [seed], root / "runs")
+            cached.write_text(json.dumps(result))
+    return json.loads(cached.read_text())
 
 
 def train_log(result: dict[str, Any]) -> dict[str, list[float]]:

@@ -19,8 +19,9 @@ STATEFUL = ["fixmatch_digits_40", "infomatch_digits_40", "simmatch_digits_40"]
 PHASES = {"simmatch_digits_40": ["--model.instance_warmup_steps=2"]}
 # The DDP check runs SimMatch with its EMA teacher and shuffle-BN: that path all-gathers images,
 # permutes the global batch and restores the order, on top of the bank and DA synchronisation the
-# online teacher shares. With a BatchNorm-free net the shuffle must change nothing.
-DDP_VARIANT = {"simmatch_digits_40": ["--model.teacher=ema", "--model.teacher_bn=shuffle"]}
+# online teacher shares, and compares the state checksums of all ranks every step. With a BatchNorm-free
+# net the shuffle must change nothing.
+DDP_VARIANT = {"simmatch_digits_40": ["--model.teacher=ema", "--model.teacher_bn=shuffle", "--model.state_check_every=1"]}
 
 
 def _short(tmp_path: Path, steps: int, experiment: str = "fixmatch_digits_40") -> list[str]:

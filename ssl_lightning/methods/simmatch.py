@@ -68,6 +68,8 @@ class SimMatch(Method):
         epass_heads: number of averaged projection heads (1 = SimMatch; more is EPASS, filed as
             ``simmatch_epass``).
         eval_weights: which weights the headline reports; both are always evaluated.
+        state_check_every: every this many steps, compare checksums of the bank and the DA window across
+            ranks and fail if they differ (a debugging aid for multi-GPU runs; 0 disables it).
         **kwargs: the shared arguments of :class:`~ssl_lightning.methods.base.Method` (``ema_decay`` is m_e).
     """
 
@@ -92,6 +94,7 @@ class SimMatch(Method):
         proj_hidden_dim: int | None = None,
         epass_heads: int = 1,
         eval_weights: Literal["ema", "student"] = "ema",
+        state_check_every: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -115,6 +118,7 @@ class SimMatch(Method):
         self.instance_warmup = instance_warmup_steps
         self.eval_weights = eval_weights
         self.epass_heads = epass_heads
+        self.state_check_every = state_check_every
 
         width = self.backbone.num_features
         self.projection = EmbeddingHead(width, proj_hidden_dim or width, proj_dim, epass_heads)
@@ -284,3 +288,37 @@ class SimMatch(Method):
         if self._bank_batch is not None:
             self.bank.update(*self._bank_batch)
             self._bank_batch = None
+        if self.state_check_every and self.global_step % self.state_check_every == 0:
+            self._check_state_in_sync()
+
+    # ----- multi-GPU state -----------------------------------------------------------------------------
+    def _check_state_in_sync(self) -> None:
+        """All ranks must hold the same bank and DA window (spec §4.4, debug mode)."""
+        if self.world_size == 1:
+            return
+        checksum = torch.stack([
+            self.bank.embeddings.double().sum(), self.bank.labels.double().sum(),
+            self.alignment.rows.double().sum(), self.alignment.pointer.double(),
+        ])
+        gathered = self.all_gather(checksum)
+        if not torch.equal(gathered.amax(dim=0), gathered.amin(dim=0)):
+            raise RuntimeError(
+                f"SimMatch state diverged across ranks at step {self.global_step}: checksums per rank "
+                f"(bank, labels, DA window, pointer) = {gathered.tolist()}"
+            )
+
+    def _broadcast_norm_statistics(self) -> None:
+        # With broadcast_buffers=False (the bank alone is 65 MB at ImageNet-10%), per-rank BatchNorm
+        # statistics drift apart; evaluate everywhere with rank 0's, as default DDP would.
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                for buffer in module.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
+
+    def on_validation_epoch_start(self) -> None:
+        self._broadcast_norm_statistics()
+
+    def on_test_epoch_start(self) -> None:
+        self._broadcast_norm_statistics()
