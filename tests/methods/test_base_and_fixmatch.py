@@ -25,6 +25,16 @@ def test_cosine_schedule_values() -> None:
     assert cosine_factor(10**6, 100) == 0.0  # floored, never negative
 
 
+def test_half_cosine_schedule_after_warm_up() -> None:
+    """The ImageNet recipe: linear warm-up, then ½(1 + cos(π·progress)) over the remaining steps."""
+    assert [cosine_factor(k, 104, warmup_steps=4, kind="half") for k in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cosine_factor(4, 104, warmup_steps=4, kind="half") == 1.0
+    assert cosine_factor(54, 104, warmup_steps=4, kind="half") == pytest.approx(0.5)
+    assert cosine_factor(104, 104, warmup_steps=4, kind="half") == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        cosine_factor(0, 10, kind="linear")
+
+
 def test_weight_decay_skips_biases_and_every_norm_layer() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.randn(2, 3, 5, 5))
@@ -34,6 +44,9 @@ def test_weight_decay_skips_biases_and_every_norm_layer() -> None:
     expected = {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[2].weight),
                 id(model[2].bias), id(model[4].bias)}
     assert {id(p) for p in no_decay["params"]} == expected
+    # Recipes that decay every parameter (SimMatch's ImageNet) keep one decayed group.
+    decay, no_decay = parameter_groups(model, 1e-4, exempt_norm_and_bias=False)
+    assert len(decay["params"]) == 8 and not no_decay["params"]
 
 
 def test_ema_update_is_exact_and_stays_in_eval_mode() -> None:
