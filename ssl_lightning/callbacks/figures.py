@@ -1,4 +1,4 @@
-"""Figures written next to the results: the test confusion matrix."""
+"""Figures written next to the results: the test confusion matrix and the test reliability diagram."""
 
 from __future__ import annotations
 
@@ -50,4 +50,72 @@ class ConfusionMatrixFigure(Callback):
                 import wandb
 
                 logger.experiment.log({"test/confusion_matrix": wandb.Image(figure)})
+        plt.close(figure)
+
+
+def reliability_diagram_figure(  # noqa: ANN201
+    bins: dict[str, torch.Tensor], title: str = "test reliability diagram (EMA weights)"
+):
+    """Accuracy per confidence bin against the diagonal, with the calibration gap and the bin occupancy.
+
+    ``bins`` is what ``ReliabilityBins.compute()`` returns.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = bins["count"].detach().cpu().double()
+    confidence = bins["confidence"].detach().cpu().double()
+    accuracy = bins["accuracy"].detach().cpu().double()
+    ece = float(bins["ece"])
+    n_bins = count.numel()
+    width = 1.0 / n_bins
+    centres = (torch.arange(n_bins, dtype=torch.float64) + 0.5) * width
+    occupied = count > 0
+
+    figure, (axis, histogram) = plt.subplots(
+        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    axis.bar(centres[occupied].numpy(), accuracy[occupied].numpy(), width=width, color="tab:blue",
+             edgecolor="black", linewidth=0.5, label="accuracy")
+    # The gap is drawn between accuracy and mean confidence, so over- and under-confidence both show as the
+    # hatched part, above or below the top of the accuracy bar.
+    low = torch.minimum(accuracy, confidence)[occupied]
+    axis.bar(centres[occupied].numpy(), (confidence - accuracy).abs()[occupied].numpy(), bottom=low.numpy(),
+             width=width, facecolor=(1.0, 0.0, 0.0, 0.15), edgecolor="tab:red", hatch="//", linewidth=0.5,
+             label="gap to confidence")
+    axis.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", linewidth=1.0,
+              label="perfect calibration")
+    axis.set_xlim(0.0, 1.0)
+    axis.set_ylim(0.0, 1.0)
+    axis.set_ylabel("accuracy")
+    axis.set_title(f"{title}\nECE = {ece:.4f}")
+    axis.legend(loc="upper left", fontsize=8)
+
+    histogram.bar(centres.numpy(), count.numpy(), width=width, color="gray", edgecolor="black", linewidth=0.5)
+    histogram.set_xlabel("confidence")
+    histogram.set_ylabel("count")
+    figure.tight_layout()
+    return figure
+
+
+class ReliabilityDiagramFigure(Callback):
+    """Saves ``reliability_diagram.png`` in the run directory after testing, and logs it to W&B if active."""
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        bins = getattr(pl_module, "reliability", None)
+        if bins is None or not trainer.is_global_zero:
+            return
+        import matplotlib.pyplot as plt
+
+        figure = reliability_diagram_figure(bins)
+        path = Path(trainer.default_root_dir) / "reliability_diagram.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                logger.experiment.log({"test/reliability_diagram": wandb.Image(figure)})
         plt.close(figure)
