@@ -29,12 +29,13 @@ from ssl_lightning.callbacks.checkpointing import (
     RunCheckpoints,
     check_checkpoint,
 )
-from ssl_lightning.callbacks.figures import ConfusionMatrixFigure
+from ssl_lightning.callbacks.figures import ConfusionMatrixFigure, ReliabilityDiagramFigure
 from ssl_lightning.callbacks.throughput import TrainThroughput
 from ssl_lightning.data.formats import DatasetNotFoundError
 from ssl_lightning.data.module import SSLDataModule
 from ssl_lightning.data.splits import SplitFileError
 from ssl_lightning.methods.base import Method, NonFiniteLossError
+from ssl_lightning.nets.pretrained import PretrainedWeightsError, check_pretrained_path
 
 RUN_DIR_ENV = "SSL_LIGHTNING_RUN_DIR"
 
@@ -101,6 +102,9 @@ class SSLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self._subconfig()
+        # Checked here, before any run directory exists; inside the model's constructor the message would
+        # drown in the argument parser's report.
+        check_pretrained_path(config.model.init_args.get("backbone_args"))
         # DDP children (started by Lightning with LOCAL_RANK set) re-run this command; they inherit the
         # directory rank 0 chose instead of making their own.
         is_child = os.environ.get("LOCAL_RANK", "0") != "0"
@@ -137,6 +141,7 @@ class SSLCLI(LightningCLI):
             RunCheckpoints(checkpoint_dir),
             TrainThroughput(),
             ConfusionMatrixFigure(),
+            ReliabilityDiagramFigure(),
             LearningRateMonitor(logging_interval="step"),
         ]
         if has_val_split:
@@ -244,7 +249,7 @@ def summarize_history(history: list[dict[str, float]], window: int = 20) -> dict
     }
 
 
-USER_ERRORS = (NonFiniteLossError, DatasetNotFoundError, SplitFileError, CheckpointError)
+USER_ERRORS = (NonFiniteLossError, DatasetNotFoundError, SplitFileError, CheckpointError, PretrainedWeightsError)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ from ssl_lightning.data.splits import Split, SplitSpec, load_or_create_split
 from ssl_lightning.data.views import DerivedView, ViewConfig, build_view, build_views
 
 LABELED_STREAM, UNLABELED_STREAM = 0, 1
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 
 
 class StreamBatch(NamedTuple):
@@ -133,6 +135,8 @@ class SSLDataModule(LightningDataModule):
         crop_pad, hflip, randaug_ops, cutout: the view recipe (``None``: the dataset's default).
         num_workers: DataLoader workers per rank.
         seed: stream and augmentation seed; ``None`` follows ``seed_everything``.
+        normalization: ``dataset`` (this dataset's mean and std) or ``imagenet`` (the statistics that
+            ImageNet-pretrained weights expect).
     """
 
     name: str = "dataset"
@@ -166,8 +170,14 @@ class SSLDataModule(LightningDataModule):
         cutout: float = 0.5,
         num_workers: int = 2,
         seed: int | None = None,
+        normalization: Literal["dataset", "imagenet"] = "dataset",
     ) -> None:
         super().__init__()
+        if normalization == "imagenet":
+            channels = slice(None) if self.in_channels == 3 else slice(0, 0)
+            # Grey images: the mean over RGB of ImageNet's statistics.
+            self.mean = IMAGENET_MEAN[channels] or (sum(IMAGENET_MEAN) / 3,)
+            self.std = IMAGENET_STD[channels] or (sum(IMAGENET_STD) / 3,)
         if unlabeled not in ("all", "rest", "none"):
             raise ValueError(f"unlabeled must be 'all', 'rest' or 'none', got {unlabeled!r}")
         self.data_dir = Path(data_dir)

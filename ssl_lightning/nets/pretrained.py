@@ -53,11 +53,25 @@ class PretrainedReport:
     ignored: list[str] = field(default_factory=list)
 
 
+class PretrainedWeightsError(FileNotFoundError):
+    """A configured pretrained-weights file is missing (weights are never fetched from the network)."""
+
+
 def _existing_file(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {p}")
+        raise PretrainedWeightsError(
+            f"pretrained weights file not found: {p}. Weights load from a local file only: put the file "
+            "there, or point --model.backbone_args at it (its pretrained_path key)."
+        )
     return p
+
+
+def check_pretrained_path(backbone_args: Mapping | None) -> None:
+    """Fail early, with the message above, when ``backbone_args`` names a file that does not exist."""
+    path = (backbone_args or {}).get("pretrained_path")
+    if path is not None:
+        _existing_file(path)
 
 
 def sha256_of_file(path: str | Path) -> str:

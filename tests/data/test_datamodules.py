@@ -164,3 +164,21 @@ def test_derived_view_needs_an_earlier_base() -> None:
     dm.setup("fit")
     with pytest.raises(ValueError, match="earlier"):
         dm.train_dataloader()
+
+
+def test_imagenet_normalisation_for_pretrained_weights() -> None:
+    """Pretrained ViTs expect ImageNet statistics; grey images get their RGB mean."""
+    rgb = CIFAR10DataModule(normalization="imagenet")
+    image = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    expected = (1.0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(rgb.normalize(image)[0, :, 0, 0], expected)
+    grey = DigitsDataModule(normalization="imagenet")
+    assert grey.mean == pytest.approx((0.449,)) and grey.std == pytest.approx((0.226,))
+    assert DigitsDataModule().mean != grey.mean  # the dataset's own statistics by default
+
+
+def test_labeled_subset_and_unlabeled_epoch() -> None:
+    data = DigitsDataModule(num_labels=40, batch_size=16, mu=3)
+    indices, labels = data.labeled_subset()
+    assert len(indices) == 40 and np.bincount(labels).tolist() == [4] * 10
+    assert data.unlabeled_epoch_steps() == 1437 // 48
