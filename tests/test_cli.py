@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.helpers import EXPERIMENTS, REPO, read_results, run_cli, tiny_overrides
+from tests.helpers import EXPERIMENTS, REPO, experiment_config, read_results, run_cli, tiny_overrides
 
 RESULT_KEYS = {
     "experiment", "method", "dataset", "num_labels", "seed", "split_sha256", "git_commit", "global_step",
@@ -125,3 +127,44 @@ def test_default_wandb_logger_runs_offline_and_results_path_is_last(
     assert code == 0 and results is not None
     assert list((results.parent / "wandb").glob("offline-run-*"))
     assert capfd.readouterr().out.strip().splitlines()[-1] == str(results)
+    # The test figures of the EMA weights sit next to results.json.
+    assert (results.parent / "confusion_matrix.png").stat().st_size > 0
+    assert (results.parent / "reliability_diagram.png").stat().st_size > 0
+
+
+def _vit_configs() -> dict[str, str]:
+    """One config per distinct pretrained ViT architecture among the experiments."""
+    seen: dict[str, str] = {}
+    for name in EXPERIMENTS:
+        init = experiment_config(name)["model"]["init_args"]
+        args = init.get("backbone_args") or {}
+        if "pretrained_path" in args:
+            seen.setdefault(json.dumps([init["backbone"], args.get("patch_size")]), name)
+    return seen
+
+
+@pytest.mark.parametrize("experiment", sorted(_vit_configs().values()))
+def test_pretrained_vit_configs_load_their_architecture_from_a_local_file(experiment: str, tmp_path: Path) -> None:
+    """The full-size backbone of each pretrained-ViT config builds from a timm-format file wrapped and
+    prefixed as USB ships them (``{"model": ...}``, ``module.``), with its head left out."""
+    from ssl_lightning.nets import build_backbone
+
+    config = experiment_config(experiment)
+    init, data = config["model"]["init_args"], config["data"]["init_args"]
+    image_size = 96 if "STL10" in config["data"]["class_path"] else 32
+    args = {k: v for k, v in init["backbone_args"].items() if k != "pretrained_path"}
+    source = build_backbone(init["backbone"], num_classes=10, image_size=image_size, **args)
+    state = {f"module.{k}": v for k, v in source.encoder.state_dict().items()}
+    path = tmp_path / "weights.pth"
+    torch.save({"model": state}, path)
+    loaded = build_backbone(init["backbone"], num_classes=10, image_size=image_size, pretrained_path=str(path), **args)
+    assert torch.equal(loaded.encoder.pos_embed, source.encoder.pos_embed)
+    assert data.get("normalization") == "imagenet"
+
+
+def test_missing_pretrained_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, results = run_cli(["--config", str(REPO / "experiments/uwbssl_cifar10_250.yaml"),
+                             f"--data.data_dir={tmp_path}"], tmp_path / "runs")
+    assert code == 1 and results is None
+    assert "pretrained weights file not found" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

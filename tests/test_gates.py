@@ -16,7 +16,8 @@ from tests.helpers import GATE_SEEDS, experiment_config, mean_test_acc, train_lo
 Gate = Callable[..., list[dict]]
 # Longest first; each (experiment, seed) is its own test, and xdist hands them out two at a time
 # (--maxschedchunk=2 in the Makefile), so the workers share the runs out evenly.
-GATE_EXPERIMENTS = ["infomatch_digits_40", "simmatch_digits_40", "fixmatch_digits_40", "supervised_digits_40"]
+GATE_EXPERIMENTS = ["infomatch_digits_40", "uwbssl_digits_40", "simmatch_digits_40", "fixmatch_digits_40",
+                    "supervised_digits_40"]
 
 
 def _report(**runs: list[dict]) -> str:
@@ -63,3 +64,16 @@ def test_simmatch_gate_on_digits_40(digits_gate: Gate) -> None:
         assert log["bank_visited_fraction"][-1] == 1.0
         assert max(log["mask_rate"]) > 0
         assert all(math.isfinite(v) for v in log["instance_loss"])
+
+
+@pytest.mark.slow
+def test_uwbssl_gate_on_digits_40(digits_gate: Gate) -> None:
+    uwbssl = digits_gate("uwbssl_digits_40")
+    supervised = digits_gate("supervised_digits_40")
+    print(_report(supervised=supervised, uwbssl=uwbssl))
+    assert mean_test_acc(uwbssl) >= mean_test_acc(supervised) + 0.03
+    for result in uwbssl:
+        log = train_log(result)
+        # The gate admits samples and the early clamp keeps the threshold inside [0.2, 0.8] at first.
+        assert max(log["gate_rate"]) > 0
+        assert 0.2 - 1e-6 <= log["entropy_threshold"][0] <= 0.8 + 1e-6

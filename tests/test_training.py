@@ -13,10 +13,11 @@ import torch
 from tests.helpers import REPO, checkpoint_weights, read_results, run_cli
 
 # Every method that keeps state across steps: resume and DDP must reproduce that state too.
-STATEFUL = ["fixmatch_digits_40", "infomatch_digits_40", "simmatch_digits_40"]
-# Settings that bring a method's later phases into these few steps (SimMatch: propagation and L_in from
-# step 2, so the bank, the DA window and the instance loss are all exercised).
-PHASES = {"simmatch_digits_40": ["--model.instance_warmup_steps=2"]}
+STATEFUL = ["fixmatch_digits_40", "infomatch_digits_40", "simmatch_digits_40", "uwbssl_digits_40"]
+# Settings that bring all of a method's state into these few steps (SimMatch: propagation and L_in from
+# step 2, so the bank, the DA window and the instance loss are all exercised; uwbssl: distribution
+# alignment on, next to its entropy statistics).
+PHASES = {"simmatch_digits_40": ["--model.instance_warmup_steps=2"], "uwbssl_digits_40": ["--model.da.enabled=true"]}
 # The DDP check runs SimMatch with its EMA teacher and shuffle-BN: that path all-gathers images,
 # permutes the global batch and restores the order, on top of the bank and DA synchronisation the
 # online teacher shares, and compares the state checksums of all ranks every step. With a BatchNorm-free

@@ -73,3 +73,51 @@ class DistributionAlignment(nn.Module):
     def log_align(self, logits: torch.Tensor) -> torch.Tensor:
         """log p̃ = log_softmax(ℓ − log max(p̄, 1e-12)): the stable form of norm₁(σ(ℓ) ⊘ p̄)."""
         return F.log_softmax(logits.detach().float() - self.mean().clamp_min(1e-12).log(), dim=-1)
+
+
+class EMADistributionAlignment(nn.Module):
+    """ReMixMatch's alignment with an EMA of the global-batch mean prediction (uwbssl, USB's ``DistAlign``):
+
+        q̂_b = normalise(q_b ⊙ (π + δ) / (p̄_t + δ)),   p̄_t = m·p̄_{t−1} + (1 − m)·mean_b q_b (global batch)
+
+    evaluated as log_softmax(log q + log(π + δ) − log(p̄ + δ)). p̄ is initialised with the first global
+    batch mean (``initialised`` flag, a tensor so no host sync is needed) and always updated from the
+    pre-alignment probabilities. π, the target, is uniform or a given histogram (e.g. the labeled one).
+    """
+
+    mean_prediction: torch.Tensor
+    target: torch.Tensor
+    initialised: torch.Tensor
+
+    def __init__(self, num_classes: int, momentum: float = 0.999, target: torch.Tensor | None = None,
+                 delta: float = 1e-6, sync: bool = True) -> None:
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.num_classes = num_classes
+        self.momentum = momentum
+        self.delta = delta
+        self.sync = sync
+        uniform = torch.full((num_classes,), 1.0 / num_classes)
+        self.register_buffer("mean_prediction", uniform.clone())
+        self.register_buffer("target", uniform.clone() if target is None else target.float() / target.sum())
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, momentum={self.momentum}, delta={self.delta}, sync={self.sync}"
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor) -> None:
+        probs = probs.detach().float()
+        packed = torch.cat([probs.sum(dim=0), probs.new_full((1,), probs.shape[0])])
+        if self.sync and _distributed():
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        batch_mean = packed[:-1] / packed[-1].clamp_min(1.0)
+        blended = self.momentum * self.mean_prediction + (1.0 - self.momentum) * batch_mean
+        self.mean_prediction.copy_(torch.where(self.initialised, blended, batch_mean))
+        self.initialised.fill_(True)
+
+    def log_align(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """log q̂ from log q (rows renormalised)."""
+        shift = (self.target + self.delta).log() - (self.mean_prediction + self.delta).log()
+        return F.log_softmax(log_probs.float() + shift, dim=-1)

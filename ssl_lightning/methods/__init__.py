@@ -5,5 +5,6 @@ from ssl_lightning.methods.fixmatch import FixMatch
 from ssl_lightning.methods.infomatch import InfoMatch
 from ssl_lightning.methods.simmatch import SimMatch
 from ssl_lightning.methods.supervised import Supervised
+from ssl_lightning.methods.uwbssl import UWBSSL
 
-__all__ = ["FixMatch", "InfoMatch", "Method", "NonFiniteLossError", "SimMatch", "Supervised"]
+__all__ = ["FixMatch", "InfoMatch", "Method", "NonFiniteLossError", "SimMatch", "Supervised", "UWBSSL"]
