@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -32,6 +33,21 @@ def confusion_matrix_figure(matrix: torch.Tensor, title: str = "test confusion m
     return figure
 
 
+def _save_and_log(trainer: Trainer, figure: Any, name: str) -> None:
+    """Write ``<name>.png`` into the run directory, log it to W&B as ``test/<name>`` if active, close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(trainer.default_root_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            logger.experiment.log({f"test/{name}": wandb.Image(figure)})
+    plt.close(figure)
+
+
 class ConfusionMatrixFigure(Callback):
     """Saves ``confusion_matrix.png`` in the run directory after testing, and logs it to W&B if active."""
 
@@ -39,18 +55,7 @@ class ConfusionMatrixFigure(Callback):
         matrix = getattr(pl_module, "confusion_matrix", None)
         if matrix is None or not trainer.is_global_zero:
             return
-        import matplotlib.pyplot as plt
-
-        figure = confusion_matrix_figure(matrix)
-        path = Path(trainer.default_root_dir) / "confusion_matrix.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                import wandb
-
-                logger.experiment.log({"test/confusion_matrix": wandb.Image(figure)})
-        plt.close(figure)
+        _save_and_log(trainer, confusion_matrix_figure(matrix), "confusion_matrix")
 
 
 def reliability_diagram_figure(  # noqa: ANN201
@@ -107,15 +112,4 @@ class ReliabilityDiagramFigure(Callback):
         bins = getattr(pl_module, "reliability", None)
         if bins is None or not trainer.is_global_zero:
             return
-        import matplotlib.pyplot as plt
-
-        figure = reliability_diagram_figure(bins)
-        path = Path(trainer.default_root_dir) / "reliability_diagram.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                import wandb
-
-                logger.experiment.log({"test/reliability_diagram": wandb.Image(figure)})
-        plt.close(figure)
+        _save_and_log(trainer, reliability_diagram_figure(bins), "reliability_diagram")
