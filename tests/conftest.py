@@ -29,10 +29,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The long gate runs first: xdist's load scheduler hands tests out a few at a time as workers free
-    # up, so the short tests fill in around the long runs instead of one worker starting a long run at
-    # the end while the other idles.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # The long gate runs first, then the multi-process DDP runs: xdist's load scheduler hands tests out
+    # a few at a time as workers free up, so the short tests fill in around the long ones instead of a
+    # long test starting at the end while the other worker idles.
+    def rank(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("ddp") else 2
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
