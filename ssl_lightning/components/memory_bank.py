@@ -112,12 +112,11 @@ class LabeledMemoryBank(nn.Module):
         if slots.numel() == 0:
             return
         # Summing duplicates with index_add (then normalising) is order-independent up to float
-        # rounding, unlike an indexed assignment whose winner is undefined on GPUs.
-        sums = torch.zeros(self.size, self.dim, device=embeddings.device).index_add_(
-            0, slots, F.normalize(embeddings, dim=1)
-        )
-        touched = torch.unique(slots)
-        batch_mean = F.normalize(sums[touched], dim=1, eps=1e-12)
+        # rounding, unlike an indexed assignment whose winner is undefined on GPUs. Only the touched
+        # slots are summed: the whole bank is 65 MB at ImageNet-10%.
+        touched, position = torch.unique(slots, return_inverse=True)
+        sums = embeddings.new_zeros(len(touched), self.dim).index_add_(0, position, F.normalize(embeddings, dim=1))
+        batch_mean = F.normalize(sums, dim=1, eps=1e-12)
         blended = self.momentum * self.embeddings[touched] + (1.0 - self.momentum) * batch_mean
         self.embeddings[touched] = F.normalize(blended, dim=1, eps=1e-12)
         self.labels[slots] = labels
