@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from ssl_lightning.components.collectives import all_reduce_sum
 
 
 class DistributionAlignment(nn.Module):
@@ -51,8 +48,8 @@ class DistributionAlignment(nn.Module):
         """Write the global-batch mean of ``probs`` (N, C) into the window."""
         probs = probs.detach().float()
         packed = torch.cat([probs.sum(dim=0), probs.new_full((1,), probs.shape[0])])
-        if self.sync and _distributed():
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        if self.sync:
+            all_reduce_sum(packed)
         count = packed[-1]
         if count <= 0:
             return
@@ -110,8 +107,8 @@ class EMADistributionAlignment(nn.Module):
     def update(self, probs: torch.Tensor) -> None:
         probs = probs.detach().float()
         packed = torch.cat([probs.sum(dim=0), probs.new_full((1,), probs.shape[0])])
-        if self.sync and _distributed():
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        if self.sync:
+            all_reduce_sum(packed)
         batch_mean = packed[:-1] / packed[-1].clamp_min(1.0)
         blended = self.momentum * self.mean_prediction + (1.0 - self.momentum) * batch_mean
         self.mean_prediction.copy_(torch.where(self.initialised, blended, batch_mean))

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from ssl_lightning.components.collectives import all_reduce_sum
 
 
 class EntropyMask(nn.Module):
@@ -88,8 +89,8 @@ class EntropyMask(nn.Module):
         """One EMA step on the normalised entropies ``entropy`` (N,) of this rank's unlabeled batch."""
         e = entropy.detach().double()
         moments = torch.stack([e.new_tensor(float(e.numel())), e.sum(), (e * e).sum()])
-        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(moments, op=dist.ReduceOp.SUM)
+        if self.sync:
+            all_reduce_sum(moments)
         n, total, squares = moments
         batch_mean = total / n.clamp_min(1.0)
         # Unbiased variance from the moments; clamped at 0 against rounding.

@@ -6,20 +6,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_gather_equal(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate equally shaped tensors from every rank, in rank order."""
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+from ssl_lightning.components.collectives import all_gather_equal
 
 
 class LabeledMemoryBank(nn.Module):
@@ -102,9 +92,9 @@ class LabeledMemoryBank(nn.Module):
             raise RuntimeError("the memory bank is empty: call reset() with the labeled subset first")
         embeddings = embeddings.detach().float()
         labels, pool_indices = labels.to(torch.int64), pool_indices.to(torch.int64)
-        if self.sync and _distributed():
-            embeddings = _all_gather_equal(embeddings)
-            labels, pool_indices = _all_gather_equal(labels), _all_gather_equal(pool_indices)
+        if self.sync:
+            embeddings = all_gather_equal(embeddings)
+            labels, pool_indices = all_gather_equal(labels), all_gather_equal(pool_indices)
         slots = self.slots(pool_indices)
         finite = torch.isfinite(embeddings).all(dim=1)
         self.nonfinite_skips += (~finite).sum()

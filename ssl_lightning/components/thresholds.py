@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from ssl_lightning.components.collectives import all_reduce_sum
 
 
 class FixedThreshold(nn.Module):
@@ -106,9 +107,9 @@ class SelfAdaptiveThreshold(nn.Module):
         """(1/N) Σ_i c_i, (1/N) Σ_i q_i and N, over the global batch when synchronised."""
         count = torch.full((1,), probs.shape[0], dtype=torch.float32, device=probs.device)
         packed = torch.cat([confidence.sum().reshape(1), probs.sum(dim=0), count])
-        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.sync:
             # One packed collective instead of three: sums are additive, the division happens after.
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            all_reduce_sum(packed)
         count = packed[-1]
         # clamp: a globally empty batch leaves the state untouched (see forward) instead of dividing by 0.
         denominator = count.clamp_min(1.0)
