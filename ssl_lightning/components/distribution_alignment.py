@@ -51,21 +51,23 @@ class DistributionAlignment(nn.Module):
         if self.sync:
             all_reduce_sum(packed)
         count = packed[-1]
-        if count <= 0:
-            return
-        mean = packed[:-1] / count
-        if not torch.isfinite(mean).all():
-            self.nonfinite_skips += 1
-            return
-        self.rows[self.pointer] = mean
-        self.pointer.copy_((self.pointer + 1) % self.window)
-        self.filled.copy_(torch.clamp(self.filled + 1, max=self.window))
+        mean = packed[:-1] / count.clamp_min(1.0)
+        finite = torch.isfinite(mean).all()
+        # Tensor conditions, not Python branches: no host sync per step. An empty global batch writes
+        # nothing; a non-finite mean writes nothing and is counted.
+        write = (count > 0) & finite
+        self.nonfinite_skips += ((count > 0) & ~finite).long()
+        self.rows[self.pointer] = torch.where(write, mean, self.rows[self.pointer])
+        self.pointer.copy_(torch.where(write, (self.pointer + 1) % self.window, self.pointer))
+        self.filled.copy_(torch.where(write, torch.clamp(self.filled + 1, max=self.window), self.filled))
 
     def mean(self) -> torch.Tensor:
-        """p̄: the mean over the filled rows (uniform before the first push)."""
-        if int(self.filled) == 0:
-            return self.rows.new_full((self.num_classes,), 1.0 / self.num_classes)
-        return self.rows[: int(self.filled)].mean(dim=0)
+        """p̄: the mean over the filled rows (uniform before the first push).
+
+        Unfilled rows are zero, so the sum over all rows divided by n is that mean, computed without
+        reading n on the host (a device sync every step on GPUs)."""
+        uniform = self.rows.new_full((self.num_classes,), 1.0 / self.num_classes)
+        return torch.where(self.filled > 0, self.rows.sum(dim=0) / self.filled.clamp_min(1), uniform)
 
     def log_align(self, logits: torch.Tensor) -> torch.Tensor:
         """log p̃ = log_softmax(ℓ − log max(p̄, 1e-12)): the stable form of norm₁(σ(ℓ) ⊘ p̄)."""
