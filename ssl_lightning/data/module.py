@@ -355,7 +355,12 @@ class SSLDataModule(LightningDataModule):
 
     # ----- device-side conversion ---------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) → normalised float32, on whatever device the images are on."""
+        """uint8 (N, C, H, W) → normalised float32, on whatever device the images are on.
+
+        Floating-point inputs (a :class:`~ssl_lightning.data.sources.FeatureSource`) pass through unchanged.
+        """
+        if images.is_floating_point():
+            return images
         mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return (images.float().div_(255.0) - mean) / std

@@ -49,6 +49,26 @@ class ArraySource(ImageSource):
         return torch.from_numpy(np.ascontiguousarray(self.images[index]))
 
 
+class FeatureSource(ImageSource):
+    """Float vectors or maps held in memory (cached network features, synthetic data) instead of images.
+
+    The DataModule passes floating-point inputs through unnormalised, and only the identity view applies.
+    """
+
+    def __init__(self, features: np.ndarray | torch.Tensor, targets: Sequence[int] | np.ndarray) -> None:
+        features = torch.as_tensor(features)
+        if not features.is_floating_point():
+            raise ValueError(f"expected floating-point features, got {features.dtype}")
+        if len(features) != len(targets):
+            raise ValueError(f"{len(features)} feature rows but {len(targets)} targets")
+        self.features = features.float().contiguous()
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.num_channels = int(features.shape[1]) if features.ndim > 1 else 1
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.features[index]
+
+
 class FileSource(ImageSource):
     """Encoded image files (JPEG/PNG) decoded on access, optionally resized to ``resize`` (H, W)."""
 

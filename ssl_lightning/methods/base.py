@@ -217,7 +217,8 @@ class Method(LightningModule):
                 "the last checkpoint saved before this step is intact. Lower --model.lr, check the data, "
                 "or train in full precision (--trainer.precision=32-true)."
             )
-        batch_size = batch["labeled"].targets.shape[0]
+        # Self-labelled methods train on the unlabeled stream alone.
+        batch_size = next(iter(batch.values())).targets.shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
