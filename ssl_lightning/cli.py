@@ -217,7 +217,8 @@ class SSLCLI(LightningCLI):
             "test": test,
             "test_raw": test_raw,
             "headline_weights": model.headline_weights,
-            "test_monitor": summarize_history(getattr(model, "eval_history", [])),
+            "test_monitor": summarize_history(getattr(model, "eval_history", []),
+                                              metric=getattr(model, "headline_metric", "acc")),
             "label_protocol": None if spec is None else {
                 k: v for k, v in vars(spec).items() if k != "fixed_indices"
             },
@@ -225,26 +226,30 @@ class SSLCLI(LightningCLI):
             "precision": str(trainer.precision),
             "ckpt_path": str(self.run_dir / "checkpoints" / "last.ckpt") if self.run_dir else None,
         }
+        # Files a run derived from its data and reuses (feature caches, drawn soft labels), by content hash.
+        for key in ("feature_cache_sha256", "soft_labels_sha256"):
+            if getattr(datamodule, key, None) is not None:
+                results[key] = getattr(datamodule, key)
         path = self.run_dir / "results.json"
         path.write_text(json.dumps(results, indent=2))
         return path
 
 
-def summarize_history(history: list[dict[str, float]], window: int = 20) -> dict[str, Any]:
-    """Last, mean of the last ``window`` and best of the test accuracies monitored during training.
+def summarize_history(history: list[dict[str, float]], window: int = 20, metric: str = "acc") -> dict[str, Any]:
+    """Last, mean of the last ``window`` and best of a test metric monitored during training.
 
     The best is selected on the test set: it is optimistic and only comparable with published tables
     that report the same; the name says so.
     """
     if not history:
         return {"evaluations": 0}
-    accuracies = [entry["acc"] for entry in history]
-    best = max(history, key=lambda entry: entry["acc"])
+    values = [entry[metric] for entry in history]
+    best = max(history, key=lambda entry: entry[metric])
     return {
         "evaluations": len(history),
-        "last_acc": accuracies[-1],
-        f"mean_last_{window}_acc": sum(accuracies[-window:]) / len(accuracies[-window:]),
-        "best_acc_test_selected_optimistic": best["acc"],
+        f"last_{metric}": values[-1],
+        f"mean_last_{window}_{metric}": sum(values[-window:]) / len(values[-window:]),
+        f"best_{metric}_test_selected_optimistic": best[metric],
         "best_step_test_selected_optimistic": best["step"],
     }
 

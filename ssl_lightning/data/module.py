@@ -305,12 +305,13 @@ class SSLDataModule(LightningDataModule):
     def train_dataloader(self) -> dict[str, DataLoader]:
         self.setup()
         assert self.split is not None
-        loaders = {
-            "labeled": self._stream_loader(
+        loaders: dict[str, DataLoader] = {}
+        # Without labels (self-labelled clustering) the unlabeled stream is the only one.
+        if len(self.split.labeled_indices) > 0:
+            loaders["labeled"] = self._stream_loader(
                 self._labeled_source, self.split.labeled_indices,
                 self._views(self.labeled_views, "labeled"), self.batch_size, LABELED_STREAM,
             )
-        }
         if self.mu > 0 and self.unlabeled_views and len(self._unlabeled_indices) > 0:
             loaders["unlabeled"] = self._stream_loader(
                 self._unlabeled_source, self._unlabeled_indices,
