@@ -9,16 +9,33 @@ from ssl_lightning.data.datasets import (
     SVHNDataModule,
 )
 from ssl_lightning.data.digits import DigitsDataModule
+from ssl_lightning.data.localization import (
+    CUBDataModule,
+    CUBImbalancedDataModule,
+    DigitsLocDataModule,
+    FixedSplitDataModule,
+    LocalizationDataModule,
+    TinyImageNetDataModule,
+)
 from ssl_lightning.data.module import SSLDataModule, StreamBatch
+from ssl_lightning.data.synthetic import DigitsImbalancedDataModule, GaussianMixtureMIDataModule
 
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "CUBDataModule",
+    "CUBImbalancedDataModule",
     "DigitsDataModule",
+    "DigitsImbalancedDataModule",
+    "DigitsLocDataModule",
+    "FixedSplitDataModule",
+    "GaussianMixtureMIDataModule",
     "ImageNetDataModule",
+    "LocalizationDataModule",
     "MNISTDataModule",
     "SSLDataModule",
     "STL10DataModule",
     "SVHNDataModule",
     "StreamBatch",
+    "TinyImageNetDataModule",
 ]
