@@ -4,7 +4,7 @@ Importing this package registers every backbone; `available_backbones()` lists t
 """
 
 # The submodule imports register their backbones as a side effect; keep them here.
-from ssl_lightning.nets import resnet, small, vgg, vit, wrn  # noqa: F401
+from ssl_lightning.nets import localization, resnet, small, vgg, vit, wrn  # noqa: F401
 from ssl_lightning.nets.base import Backbone
 from ssl_lightning.nets.heads import ProjectionHead
 from ssl_lightning.nets.pretrained import PretrainedReport

@@ -28,6 +28,9 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "vgg4": {"image_size": 28},
     "small_cnn": {"image_size": 16},
     "mlp": {"image_size": 8, "hidden_dims": (32, 16)},
+    "vgg16_gap": {"image_size": 32},
+    "resnet50_s1": {"image_size": 32},
+    "digits_cnn": {"image_size": 16},
 }
 
 
@@ -62,7 +65,7 @@ SHAPE_CASES = [
     (name, ch)
     for name in sorted(SMALL_CONFIGS)
     for ch in (1, 3)
-    if ch == 3 or name not in ("wrn28_8", "resnet50")
+    if ch == 3 or name not in ("wrn28_8", "resnet50", "vgg16_gap", "resnet50_s1")
 ]
 
 
