@@ -6,11 +6,19 @@ the global batch, the endless seeded training streams and the evaluation loaders
 
 Batches reach a method as ``{"labeled": StreamBatch, "unlabeled": StreamBatch}`` during training and
 as a single ``StreamBatch`` during evaluation, already on the device, as normalised float tensors.
+
+Optionally the labeled pool also carries *soft* targets (the soft-label robustness experiment of the
+collision-CE spec, §6.3): ``y_i = (1 − ε) e_{c_i} + ε r_i`` with ``r_i ~ Dir(1_K)`` or ``r_i = u``, drawn
+once per (dataset, split, noise, ε, seed) and kept next to the split file with a sha256, like a split.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -28,10 +36,20 @@ from ssl_lightning.data.sampling import (
     with_private_rng,
 )
 from ssl_lightning.data.sources import ConcatSource, ImageSource, SubsetSource
-from ssl_lightning.data.splits import Split, SplitSpec, load_or_create_split
+from ssl_lightning.data.splits import (
+    Split,
+    SplitFileError,
+    SplitSpec,
+    canonical_json,
+    load_or_create_split,
+    payload_sha256,
+)
 from ssl_lightning.data.views import DerivedView, ViewConfig, build_view, build_views
 
 LABELED_STREAM, UNLABELED_STREAM = 0, 1
+SoftLabelNoise = Literal["none", "dirichlet", "uniform"]
+SOFT_LABEL_NOISES: tuple[str, ...] = ("none", "dirichlet", "uniform")
+SOFT_LABEL_FORMAT = 1
 IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 
@@ -114,6 +132,149 @@ class _LabelOverride(ImageSource):
         return self.source.load(index)
 
 
+# ----- soft labels -------------------------------------------------------------------------------------
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file,
+    and concurrent writers of the same deterministic content simply replace each other's copy."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` in NumPy's ``.npy`` format, as bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """sha256 of the raw C-order bytes of ``array`` (independent of the ``.npy`` header layout)."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def draw_soft_labels(
+    labels: np.ndarray, num_classes: int, noise: SoftLabelNoise, epsilon: float, seed: int
+) -> np.ndarray:
+    """Soft targets ``y_i = (1 − ε) e_{c_i} + ε r_i``, float32 ``(n, K)``, rows on the simplex.
+
+    ``dirichlet``: ``r_i ~ Dir(1_K)`` (uniform on the simplex), so for large ε the argmax may leave the
+    true class. ``uniform``: ``r_i = u`` (label smoothing; the argmax stays correct for ε < 1). The
+    Dirichlet rows come from ``np.random.default_rng(seed)`` whatever ε is, so an ε sweep at one seed
+    moves every label along the same direction. Computed in float64, stored in float32.
+    """
+    if noise not in ("dirichlet", "uniform"):
+        raise ValueError(f"soft-label noise must be 'dirichlet' or 'uniform', got {noise!r}")
+    labels = np.asarray(labels, dtype=np.int64)
+    count = len(labels)
+    one_hot = np.zeros((count, num_classes), dtype=np.float64)
+    one_hot[np.arange(count), labels] = 1.0
+    if noise == "dirichlet":
+        directions = np.random.default_rng(seed).dirichlet(np.ones(num_classes), size=count)
+    else:
+        directions = np.full((count, num_classes), 1.0 / num_classes)
+    return ((1.0 - epsilon) * one_hot + epsilon * directions).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class SoftLabels:
+    """Soft targets of the labeled pool: row ``j`` belongs to pool index ``indices[j]``.
+
+    ``sha256`` is the sha256 of the file's canonical JSON payload, which holds the sha256 of the array.
+    """
+
+    indices: np.ndarray
+    targets: np.ndarray
+    sha256: str
+    path: Path | None
+
+
+def soft_label_filename(split: Split, noise: str, epsilon: float, seed: int) -> str:
+    """``<split file stem>_soft_<noise>_eps<ε>_seed<seed>`` (without suffix): one file per draw."""
+    if split.path is None:
+        raise ValueError("soft labels are stored next to their split file; this split was never saved")
+    return f"{split.path.stem}_soft_{noise}_eps{float(epsilon)!r}_seed{seed}"
+
+
+def _soft_label_identity(
+    dataset: str, split: Split, num_classes: int, noise: str, epsilon: float, seed: int
+) -> dict[str, Any]:
+    """What a soft-label file must record to be reused for this request (everything but the array)."""
+    return {
+        "format": SOFT_LABEL_FORMAT,
+        "dataset": dataset,
+        "split_sha256": split.sha256,
+        "num_classes": num_classes,
+        "noise": noise,
+        "epsilon": float(epsilon),
+        "seed": seed,
+        "shape": [len(split.labeled_indices), num_classes],
+        "dtype": "float32",
+    }
+
+
+def _load_soft_labels(json_path: Path, array_path: Path, expected: dict[str, Any], split: Split) -> SoftLabels:
+    hint = f"delete {json_path} and {array_path} to draw them again"
+    try:
+        payload = json.loads(json_path.read_text(encoding="ascii"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SplitFileError(f"soft-label file {json_path} is unreadable or corrupted ({err}); {hint}") from err
+    if not isinstance(payload, dict) or "sha256" not in payload:
+        raise SplitFileError(f"soft-label file {json_path} has no sha256 field; {hint}")
+    if payload_sha256(payload) != payload["sha256"]:
+        raise SplitFileError(f"soft-label file {json_path} fails its sha256 check: it was edited or corrupted; {hint}")
+    mismatched = sorted(k for k, v in expected.items() if payload.get(k) != v)
+    if mismatched:
+        raise SplitFileError(
+            f"soft-label file {json_path} was drawn for "
+            f"{ {k: payload.get(k) for k in mismatched} }, not for { {k: expected[k] for k in mismatched} }; {hint}"
+        )
+    try:
+        targets = np.load(array_path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise SplitFileError(f"soft-label array {array_path} is missing or unreadable ({err}); {hint}") from err
+    if targets.dtype != np.float32 or list(targets.shape) != expected["shape"]:
+        raise SplitFileError(
+            f"soft-label array {array_path} is {targets.dtype} {targets.shape}, the file records "
+            f"float32 {tuple(expected['shape'])}; {hint}"
+        )
+    if array_sha256(targets) != payload.get("array_sha256"):
+        raise SplitFileError(f"soft-label array {array_path} fails its sha256 check: it was edited or corrupted; {hint}")
+    return SoftLabels(split.labeled_indices, targets, payload["sha256"], json_path)
+
+
+def load_or_create_soft_labels(
+    split: Split, num_classes: int, noise: SoftLabelNoise, epsilon: float, seed: int, directory: Path, dataset: str
+) -> SoftLabels:
+    """Reuse ``<name>.json`` + ``<name>.npy`` in ``directory`` after verifying both, else draw and write them.
+
+    The labels ``c_i`` are the split's training labels (noisy under symmetric label noise). The JSON,
+    written last, holds the draw's parameters, the split's sha256 and the array's sha256; an edited,
+    truncated or mismatched file raises :class:`~ssl_lightning.data.splits.SplitFileError`.
+    """
+    name = soft_label_filename(split, noise, epsilon, seed)
+    json_path, array_path = Path(directory) / f"{name}.json", Path(directory) / f"{name}.npy"
+    identity = _soft_label_identity(dataset, split, num_classes, noise, epsilon, seed)
+    if json_path.exists():
+        return _load_soft_labels(json_path, array_path, identity, split)
+    targets = draw_soft_labels(split.labeled_targets, num_classes, noise, epsilon, seed)
+    payload = {**identity, "array_sha256": array_sha256(targets)}
+    payload["sha256"] = payload_sha256(payload)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(array_path, npy_bytes(targets))
+    write_bytes_atomic(json_path, (canonical_json(payload) + "\n").encode("ascii"))
+    return SoftLabels(split.labeled_indices, targets, payload["sha256"], json_path)
+
+
 class SSLDataModule(LightningDataModule):
     """Base of all DataModules: label protocol, views, global-batch streams, evaluation loaders.
 
@@ -133,10 +294,16 @@ class SSLDataModule(LightningDataModule):
         split_seed: seed of the label split, independent of the run seed.
         labeled_views / unlabeled_views: views per stream; ``None`` takes what the method declares.
         crop_pad, hflip, randaug_ops, cutout: the view recipe (``None``: the dataset's default).
+        affine_degrees, affine_translate, affine_scale: ranges of the ``affine`` view (rotation ±degrees,
+            shift ± fraction of the side, zoom (min, max)).
         num_workers: DataLoader workers per rank.
         seed: stream and augmentation seed; ``None`` follows ``seed_everything``.
         normalization: ``dataset`` (this dataset's mean and std) or ``imagenet`` (the statistics that
             ImageNet-pretrained weights expect).
+        soft_label_noise: ``none``, or soft targets for the labeled pool (see :func:`draw_soft_labels`),
+            read by methods with a soft-target loss through :meth:`soft_targets`.
+        soft_label_epsilon: the noise weight ε in [0, 1].
+        soft_label_seed: seed of the Dirichlet draw, independent of the run and split seeds.
     """
 
     name: str = "dataset"
@@ -168,11 +335,32 @@ class SSLDataModule(LightningDataModule):
         hflip: bool | None = None,
         randaug_ops: int = 3,
         cutout: float = 0.5,
+        affine_degrees: float = 15.0,
+        affine_translate: float = 0.1,
+        affine_scale: tuple[float, float] = (0.9, 1.1),
         num_workers: int = 2,
         seed: int | None = None,
         normalization: Literal["dataset", "imagenet"] = "dataset",
+        soft_label_noise: SoftLabelNoise = "none",
+        soft_label_epsilon: float = 0.0,
+        soft_label_seed: int = 0,
     ) -> None:
         super().__init__()
+        if soft_label_noise not in SOFT_LABEL_NOISES:
+            raise ValueError(f"soft_label_noise must be one of {SOFT_LABEL_NOISES}, got {soft_label_noise!r}")
+        if not 0.0 <= soft_label_epsilon <= 1.0:
+            raise ValueError(f"soft_label_epsilon must be in [0, 1], got {soft_label_epsilon}")
+        if soft_label_noise == "none" and soft_label_epsilon != 0.0:
+            raise ValueError(
+                f"soft_label_epsilon={soft_label_epsilon} has no effect without soft labels: "
+                "set --data.soft_label_noise=dirichlet or uniform"
+            )
+        if soft_label_seed < 0:
+            raise ValueError(f"soft_label_seed must be >= 0 (numpy seeds are non-negative), got {soft_label_seed}")
+        self.soft_label_noise = soft_label_noise
+        self.soft_label_epsilon = float(soft_label_epsilon)
+        self.soft_label_seed = int(soft_label_seed)
+        self.soft_labels: SoftLabels | None = None
         if normalization == "imagenet":
             channels = slice(None) if self.in_channels == 3 else slice(0, 0)
             # Grey images: the mean over RGB of ImageNet's statistics.
@@ -203,6 +391,9 @@ class SSLDataModule(LightningDataModule):
             hflip=self.default_hflip if hflip is None else hflip,
             randaug_ops=randaug_ops,
             cutout=cutout,
+            affine_degrees=affine_degrees,
+            affine_translate=affine_translate,
+            affine_scale=tuple(float(v) for v in affine_scale),  # a YAML list becomes a tuple
         )
         self.num_workers = num_workers
         self._seed = seed
@@ -258,6 +449,11 @@ class SSLDataModule(LightningDataModule):
             extra = np.arange(len(self.sources.extra_unlabeled), dtype=np.int64) + len(self.sources.train)
             unlabeled_indices = np.concatenate([unlabeled_indices, extra])
         self._unlabeled_indices = unlabeled_indices
+        if self.has_soft_labels:
+            self.soft_labels = load_or_create_soft_labels(
+                self.split, self.num_classes, self.soft_label_noise, self.soft_label_epsilon, self.soft_label_seed,
+                directory=self.data_dir / "splits", dataset=self.dataset_key,
+            )
 
     def labeled_subset(self) -> tuple[np.ndarray, np.ndarray]:
         """Pool indices of the labeled examples (what ``StreamBatch.indices`` holds) and the labels the
@@ -265,6 +461,47 @@ class SSLDataModule(LightningDataModule):
         self.setup()
         assert self.split is not None
         return self.split.labeled_indices, self.split.labeled_targets
+
+    # ----- soft labels -----------------------------------------------------------------------------------
+    @property
+    def has_soft_labels(self) -> bool:
+        """Whether the labeled pool carries soft targets (``soft_label_noise`` is not ``none``)."""
+        return self.soft_label_noise != "none"
+
+    def _checked_soft_labels(self) -> SoftLabels:
+        if not self.has_soft_labels:
+            raise RuntimeError(
+                f"{type(self).__name__} has no soft labels: set --data.soft_label_noise=dirichlet or uniform "
+                "(and --data.soft_label_epsilon)"
+            )
+        self.setup()
+        assert self.soft_labels is not None
+        return self.soft_labels
+
+    def soft_targets(self) -> torch.Tensor:
+        """Soft targets as a float32 ``(N_pool, K)`` tensor indexed by pool index (what
+        ``StreamBatch.indices`` holds); rows of images outside the labeled pool are zero."""
+        soft = self._checked_soft_labels()
+        assert self.sources is not None
+        table = torch.zeros(len(self.sources.train), self.num_classes, dtype=torch.float32)
+        table[torch.from_numpy(soft.indices)] = torch.from_numpy(soft.targets)
+        return table
+
+    @property
+    def soft_labels_sha256(self) -> str | None:
+        """sha256 of the soft-label file in use (``results.json``), ``None`` without soft labels."""
+        return self._checked_soft_labels().sha256 if self.has_soft_labels else None
+
+    @property
+    def soft_label_argmax_accuracy(self) -> float | None:
+        """Fraction of labeled images whose soft target's argmax is the true (clean) class."""
+        if not self.has_soft_labels:
+            return None
+        soft = self._checked_soft_labels()
+        assert self.split is not None
+        if len(soft.targets) == 0:
+            return float("nan")
+        return float(np.mean(soft.targets.argmax(axis=1) == self.split.clean_labeled_targets))
 
     def unlabeled_epoch_steps(self) -> int:
         """⌊|U| / μB⌋: optimiser steps in one pass over the unlabeled pool."""

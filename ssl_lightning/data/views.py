@@ -12,6 +12,9 @@ A *view* is a picklable callable ``Tensor -> Tensor`` built by name from a :clas
 - ``moco_strong``: an independent ``resized_crop``, then colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8,
   grayscale with p = 0.2 and a Gaussian blur (σ ∈ [0.1, 2], kernel ≈ 10% of the side) with p = 0.5
   (MoCo v2's augmentation).
+- ``affine``: a random rotation, scaling and translation about the centre (ranges from the config;
+  by default ±15°, 0.9–1.1, ±10% of the side), bilinear, black fill, no flip (the MNIST view of the
+  collision-clustering spec).
 
 RandAugment follows the TorchSSL/USB variant that the specs reference (infomatch §5.1, bhattacharyya
 §5.4): ``num_ops`` ops drawn *with replacement* from a fixed 14-op list, each at a magnitude drawn
@@ -44,7 +47,9 @@ CUTOUT_FILL: tuple[int, int, int] = (125, 123, 114)
 #: "the TorchSSL RandAugment" and is silent on the geometric fill).
 GEOMETRIC_FILL: tuple[int, int, int] = (0, 0, 0)
 
-VIEW_NAMES: tuple[str, ...] = ("test", "identity", "weak", "randaug", "strong", "resized_crop", "moco_strong")
+VIEW_NAMES: tuple[str, ...] = (
+    "test", "identity", "weak", "randaug", "strong", "resized_crop", "moco_strong", "affine",
+)
 
 
 def _fill_for(fill: tuple[int, ...], channels: int) -> list[float]:
@@ -547,6 +552,9 @@ class ViewConfig:
         randaug_ops: RandAugment ops per strong image.
         cutout: Cutout's maximum side as a fraction of the width (0 disables Cutout).
         mean_fill: Cutout's fill colour (RGB; 1-channel images use its mean).
+        affine_degrees: the ``affine`` view's rotation range, ±degrees.
+        affine_translate: its shift range per axis, ± this fraction of the side.
+        affine_scale: its zoom range ``(min, max)``.
     """
 
     image_size: int
@@ -555,6 +563,9 @@ class ViewConfig:
     randaug_ops: int = 3
     cutout: float = 0.5
     mean_fill: tuple[int, ...] = CUTOUT_FILL
+    affine_degrees: float = 15.0
+    affine_translate: float = 0.1
+    affine_scale: tuple[float, float] = (0.9, 1.1)
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -567,6 +578,12 @@ class ViewConfig:
             raise ValueError(f"cutout must be in [0, 1], got {self.cutout}")
         if len(self.mean_fill) not in (1, 3):
             raise ValueError(f"mean_fill needs 1 or 3 values, got {self.mean_fill}")
+        if not 0.0 <= self.affine_degrees <= 180.0:
+            raise ValueError(f"affine_degrees must be in [0, 180], got {self.affine_degrees}")
+        if not 0.0 <= self.affine_translate <= 1.0:
+            raise ValueError(f"affine_translate must be in [0, 1], got {self.affine_translate}")
+        if len(self.affine_scale) != 2 or not 0.0 < self.affine_scale[0] <= self.affine_scale[1]:
+            raise ValueError(f"affine_scale must be (min, max) with 0 < min <= max, got {self.affine_scale}")
 
 
 class IdentityView:
@@ -699,10 +716,77 @@ class MocoView:
         return f"MocoView(image_size={self.image_size}, colour={self.colour})"
 
 
+def affine_bilinear(image: Tensor, angle: float, translate: tuple[float, float], scale: float) -> Tensor:
+    """``image`` rotated by ``angle`` degrees, scaled by ``scale`` about its centre, then shifted by
+    ``translate = (dx, dy)`` pixels; bilinear, pixels from outside the image are black.
+
+    The conventions of torchvision's ``F.affine`` (same sign of the angle, same centre) with its
+    default ``fill=None``, i.e. ``grid_sample`` with zero padding: ``F.affine`` with ``fill=0`` also
+    multiplies by a bilinearly sampled mask, which darkens the border pixels a second time. Uses the
+    cached base grid of the RandAugment warp, so one call is a small bmm plus one ``grid_sample``.
+    """
+    _check_image(image)
+    channels, height, width = image.shape
+    rot = math.radians(angle)
+    cos, sin = math.cos(rot) / scale, math.sin(rot) / scale
+    # Output pixel (relative to the centre) -> input pixel: the inverse rotation and zoom of
+    # (out - translate); the rows of the result, divided by the half sides, give grid_sample's [-1, 1].
+    dx, dy = translate
+    rows = [[cos, sin, -(cos * dx + sin * dy)], [-sin, cos, sin * dx - cos * dy]]
+    theta = torch.tensor(
+        [[v / (0.5 * width) for v in rows[0]], [v / (0.5 * height) for v in rows[1]]], dtype=torch.float32
+    )
+    grid = _pixel_centres(height, width).bmm(theta.t().unsqueeze(0))
+    warped = torch.nn.functional.grid_sample(
+        image.to(torch.float32).unsqueeze(0),
+        grid.view(1, height, width, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )
+    # A convex combination of values in [0, 255] and black zeros stays in range: no clamp needed.
+    return warped.view(channels, height, width).round_().to(torch.uint8)
+
+
+class AffineView:
+    """Random rotation ``U[-degrees, degrees]``, zoom ``U[scale]`` and shift ``U[-translate, translate]``
+    times the side per axis, applied by :func:`affine_bilinear` (bilinear, black fill, no flip).
+
+    Shifts are continuous (sub-pixel); torchvision's ``RandomAffine`` rounds them to whole pixels, which
+    only matters at nearest-neighbour sampling. Four numbers are drawn per image from the torch global
+    generator whatever the ranges, so a zero range does not shift the other draws.
+    """
+
+    def __init__(self, degrees: float, translate: float, scale: tuple[float, float]) -> None:
+        self.degrees = float(degrees)
+        self.translate = float(translate)
+        self.scale = (float(scale[0]), float(scale[1]))
+
+    def sample(self, height: int, width: int) -> tuple[float, tuple[float, float], float]:
+        """Draw ``(angle in degrees, (dx, dy) in pixels, scale)``."""
+        u = torch.rand(4, dtype=torch.float64).tolist()
+        angle = self.degrees * (2.0 * u[0] - 1.0)
+        shift = (self.translate * width * (2.0 * u[1] - 1.0), self.translate * height * (2.0 * u[2] - 1.0))
+        scale = self.scale[0] + (self.scale[1] - self.scale[0]) * u[3]
+        return angle, shift, scale
+
+    def __call__(self, image: Tensor) -> Tensor:
+        _check_image(image)
+        angle, shift, scale = self.sample(image.shape[-2], image.shape[-1])
+        if angle == 0.0 and shift == (0.0, 0.0) and scale == 1.0:
+            return image
+        return affine_bilinear(image, angle, shift, scale)
+
+    def __repr__(self) -> str:
+        return f"AffineView(degrees={self.degrees}, translate={self.translate}, scale={self.scale})"
+
+
 def build_view(name: str, config: ViewConfig) -> Callable[[Tensor], Tensor]:
     """The view called ``name`` (one of :data:`VIEW_NAMES`) under ``config``."""
     if name in ("test", "identity"):
         return IdentityView()
+    if name == "affine":
+        return AffineView(config.affine_degrees, config.affine_translate, config.affine_scale)
     if name in ("resized_crop", "moco_strong"):
         return MocoView(config.image_size, colour=name == "moco_strong")
     weak = WeakView(config.image_size, config.crop_pad, config.hflip)
