@@ -204,11 +204,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=4, help="alternating runs of each loop")
+    parser.add_argument("--solver-n", type=int, default=50_000, help="points N of the pseudo-label solver table")
+    parser.add_argument("--skip-solver", action="store_true", help="leave out the solver table")
     args = parser.parse_args()
     rows = run(args.batch_size, args.mu, args.steps, args.warmup, args.repeats)
     print("| benchmark | throughput | detail |\n|---|---|---|")
     for row in rows:
         print(f"| {' | '.join(row)} |")
+    if not args.skip_solver:
+        from ssl_lightning.solvers.benchmark import solver_table
+
+        # The collision paper's Table 1: EM against projected gradient at equal reached objective.
+        print(f"\n### Pseudo-label solvers (N = {args.solver_n:,})\n")
+        print(solver_table(n=args.solver_n))
 
 
 if __name__ == "__main__":
