@@ -29,7 +29,7 @@ from ssl_lightning.callbacks.checkpointing import (
     RunCheckpoints,
     check_checkpoint,
 )
-from ssl_lightning.callbacks.figures import ConfusionMatrixFigure, ReliabilityDiagramFigure
+from ssl_lightning.callbacks.figures import CAMOverlayFigure, ConfusionMatrixFigure, ReliabilityDiagramFigure
 from ssl_lightning.callbacks.throughput import TrainThroughput
 from ssl_lightning.data.formats import DatasetNotFoundError
 from ssl_lightning.data.module import SSLDataModule
@@ -134,7 +134,7 @@ class SSLCLI(LightningCLI):
                 print(f"W&B logging is off ({error}); the CSV log is still written.", file=sys.stderr)
         return loggers
 
-    def _callbacks(self, has_val_split: bool) -> list[Callback]:
+    def _callbacks(self, has_val_split: bool, metric: str) -> list[Callback]:
         assert self.run_dir is not None
         checkpoint_dir = str(self.run_dir / "checkpoints")
         callbacks: list[Callback] = [
@@ -142,20 +142,21 @@ class SSLCLI(LightningCLI):
             TrainThroughput(),
             ConfusionMatrixFigure(),
             ReliabilityDiagramFigure(),
+            CAMOverlayFigure(),
             LearningRateMonitor(logging_interval="step"),
         ]
         if has_val_split:
             # "Best" exists only when selected on a validation split carved from the training data.
             callbacks.append(
-                ModelCheckpoint(dirpath=checkpoint_dir, filename="best-val-acc", monitor="val/acc", mode="max",
+                ModelCheckpoint(dirpath=checkpoint_dir, filename=f"best-val-{metric}", monitor=f"val/{metric}", mode="max",
                                 save_top_k=1, save_on_train_epoch_end=False)
             )
         return callbacks
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         datamodule = self.datamodule
-        has_val = isinstance(datamodule, SSLDataModule) and datamodule.split_spec.val_size > 0
-        callbacks = list(callbacks) + self._callbacks(has_val)
+        has_val = "val" in getattr(datamodule, "eval_streams", [])
+        callbacks = list(callbacks) + self._callbacks(has_val, getattr(self.model, "headline_metric", "acc"))
         if config.get("logger") in (None, True):
             config["logger"] = self._loggers()
         plugins = config.get("plugins") or []
@@ -227,7 +228,7 @@ class SSLCLI(LightningCLI):
             "ckpt_path": str(self.run_dir / "checkpoints" / "last.ckpt") if self.run_dir else None,
         }
         # Files a run derived from its data and reuses (feature caches, drawn soft labels), by content hash.
-        for key in ("feature_cache_sha256", "soft_labels_sha256"):
+        for key in ("feature_cache_sha256", "soft_labels_sha256", "soft_label_argmax_accuracy"):
             if getattr(datamodule, key, None) is not None:
                 results[key] = getattr(datamodule, key)
         path = self.run_dir / "results.json"

@@ -1,4 +1,5 @@
-"""Figures written next to the results: the test confusion matrix and the test reliability diagram."""
+"""Figures written next to the results: the test confusion matrix, the test reliability diagram and, for
+localisation models, the infoCAM overlays."""
 
 from __future__ import annotations
 
@@ -113,3 +114,39 @@ class ReliabilityDiagramFigure(Callback):
         if bins is None or not trainer.is_global_zero:
             return
         _save_and_log(trainer, reliability_diagram_figure(bins), "reliability_diagram")
+
+
+def cam_overlay_figure(overlays: dict[str, torch.Tensor], columns: int = 8):  # noqa: ANN201
+    """A grid of test images with the infoCAM map on top, the GT box (green) and the predicted box (red)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    images, maps = overlays["images"], overlays["maps"]
+    n = images.shape[0]
+    rows = max(1, -(-n // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index >= n:
+            continue
+        image = images[index]
+        image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
+        axis.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray")
+        axis.imshow(maps[index].numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        boxes = [(overlays["gt_boxes"][index], "lime")]
+        if bool(overlays["has_box"][index]):
+            boxes.append((overlays["pred_boxes"][index], "red"))
+        for (x1, y1, x2, y2), colour in ((b.tolist(), c) for b, c in boxes):
+            axis.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, color=colour, lw=1.2))
+    figure.suptitle(f"infoCAM (mean_others) on test, box threshold {float(overlays['threshold']):.2f}")
+    figure.tight_layout()
+    return figure
+
+
+class CAMOverlayFigure(Callback):
+    """Saves ``cam_overlays.png`` after testing a localisation model, and logs it to W&B if active."""
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        overlays = getattr(pl_module, "overlays", None)
+        if trainer.is_global_zero and overlays is not None:
+            _save_and_log(trainer, cam_overlay_figure(overlays), "cam_overlays")
