@@ -105,6 +105,13 @@ class SSLCLI(LightningCLI):
         # Checked here, before any run directory exists; inside the model's constructor the message would
         # drown in the argument parser's report.
         check_pretrained_path(config.model.init_args.get("backbone_args"))
+        feature_weights = config.data.init_args.get("feature_weights")
+        if feature_weights is not None and not Path(feature_weights).expanduser().is_file():
+            raise PretrainedWeightsError(
+                f"feature extractor weights not found: {feature_weights}. They load from a local file only "
+                "(torchvision's ResNet-50 IMAGENET1K_V1 file, resnet50-0676ba61.pth): put it there or pass "
+                "--data.feature_weights=<path>."
+            )
         # DDP children (started by Lightning with LOCAL_RANK set) re-run this command; they inherit the
         # directory rank 0 chose instead of making their own.
         is_child = os.environ.get("LOCAL_RANK", "0") != "0"

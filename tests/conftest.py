@@ -42,9 +42,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def fixture_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every dataset, tiny, written once per session in its official on-disk format."""
     from tests.fixtures.formats import write_all
+    from tests.fixtures.localization import write_localization_datasets
 
     root = tmp_path_factory.mktemp("datasets")
     write_all(root)
+    write_localization_datasets(root)
     return root
 
 

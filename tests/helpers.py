@@ -29,28 +29,54 @@ def tiny_overrides(name: str, data_root: Path) -> list[str]:
     """Overrides that keep an experiment's method and backbone but fit it to the generated files."""
     config = experiment_config(name)
     data_class = config["data"]["class_path"].rsplit(".", 1)[1]
+    data_args = config["data"]["init_args"]
     # One CPU process: no DDP, and no SyncBatchNorm (it refuses CPU modules).
     overrides = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
                  "--trainer.sync_batchnorm=false", "--trainer.precision=32-true", "--data.num_workers=0"]
-    backbone_args = config["model"]["init_args"].get("backbone_args") or {}
-    if config["model"]["init_args"].get("backbone", "").startswith("vit") and "pretrained_path" in backbone_args:
-        # The configs name ViT-S/B files the tests cannot ship; a one-block ViT with the same patch layout
-        # keeps this a smoke test of the pipeline (tests/nets load the real architectures from files).
-        tiny = {**backbone_args, "embed_dim": 48, "depth": 1, "num_heads": 2}
-        tiny.pop("pretrained_path")
-        overrides.append(f"--model.backbone_args={json.dumps(tiny)}")
+    overrides += _without_pretrained_files(config["model"]["init_args"])
     if data_class == "DigitsDataModule":
         return [*overrides, f"--data.data_dir={data_root}"]
-    labels = config["data"]["init_args"].get("num_labels")
-    if config["data"]["init_args"].get("imbalance_ratio") is not None:
+    overrides += _DATA_OVERRIDES.get(data_class, [])
+    if data_class == "FixedFeatureDataModule":
+        # The feature cache lives with the generated data, never in the repository's cache/.
+        overrides.append(f"--data.cache_dir={data_root / 'feature_cache'}")
+    labels = data_args.get("num_labels")
+    if data_args.get("imbalance_ratio") is not None:
         overrides.append("--data.max_per_class=8")  # a long tail that fits a few images per class
-    if labels is not None:
+    if labels:  # 0 (unsupervised) and None (every image labeled) fit any dataset as they are
         overrides.append(f"--data.num_labels={_TINY_LABELS.get(data_class, 20)}")
     if data_class == "ImageNetDataModule":
         overrides += [f"--data.data_dir={data_root / 'imagenet'}", "--data.num_classes=3"]
-    else:
+    else:  # split files (and the Gaussian mixture's) go next to the generated data
         overrides.append(f"--data.data_dir={data_root}")
-    return [*overrides, "--data.batch_size=2", "--data.mu=1", "--data.eval_batch_size=4"]
+    # CUB's 224 px crops are fixed by its protocol: one image per batch keeps a ResNet-50/VGG16 step cheap.
+    batch, eval_batch = (1, 1) if data_class.startswith("CUB") else (2, 4)
+    return [*overrides, f"--data.batch_size={batch}", "--data.mu=1", f"--data.eval_batch_size={eval_batch}"]
+
+
+# Per DataModule: shrink what the generated files do not already make small. Fixed features: a random-init
+# narrow CNN at 16 px stands in for the ImageNet ResNet-50 file the tests cannot ship.
+_DATA_OVERRIDES: dict[str, list[str]] = {
+    "FixedFeatureDataModule": ["--data.feature_weights=null", "--data.feature_random_init=true",
+                               "--data.feature_backbone=small_cnn",
+                               '--data.feature_backbone_args={"widths": [8, 16]}',
+                               "--data.feature_image_size=16"],
+    "GaussianMixtureMIDataModule": ["--data.count_scale=0.001"],  # 10-25 training samples per class
+    "DigitsLocDataModule": ["--data.train_renders=1", "--data.eval_renders=1"],
+}
+
+
+def _without_pretrained_files(model_args: dict[str, Any]) -> list[str]:
+    """Drop the pretrained-weights file a config names (the tests cannot ship it): a ViT becomes a one-block
+    ViT with the same patch layout, any other backbone keeps its architecture with a random init. This keeps
+    a smoke test of the pipeline; tests/nets load the real architectures from files."""
+    backbone_args = model_args.get("backbone_args") or {}
+    if "pretrained_path" not in backbone_args:
+        return []
+    tiny = {k: v for k, v in backbone_args.items() if k != "pretrained_path"}
+    if model_args.get("backbone", "").startswith("vit"):
+        tiny |= {"embed_dim": 48, "depth": 1, "num_heads": 2}
+    return [f"--model.backbone_args={json.dumps(tiny)}"]
 
 
 def run_cli(args: list[str], run_root: Path) -> tuple[int, Path | None]:

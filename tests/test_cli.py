@@ -138,7 +138,7 @@ def _vit_configs() -> dict[str, str]:
     for name in EXPERIMENTS:
         init = experiment_config(name)["model"]["init_args"]
         args = init.get("backbone_args") or {}
-        if "pretrained_path" in args:
+        if "pretrained_path" in args and init["backbone"].startswith("vit"):
             seen.setdefault(json.dumps([init["backbone"], args.get("patch_size")]), name)
     return seen
 

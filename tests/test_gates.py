@@ -9,9 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import pytest
-
 import numpy as np
+import pytest
 
 from ssl_lightning.data.digits import digits_arrays
 from ssl_lightning.methods.collision import kmeans_baseline
