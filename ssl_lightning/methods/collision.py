@@ -70,6 +70,9 @@ class Collision(Method):
         solver: ``em`` (only for ``collision``), ``pgd`` or ``argmax`` (hard self-training, a test switch);
             ``None`` picks EM for ``collision`` and PGD for the losses only PGD solves.
         pgd_iters, pgd_step: PGD iterations and step (``None``: 0.1 / (1 + λ̃)).
+        network_loss: the θ-step's loss on the soft pseudo-labels: ``collision`` (H₂) or ``shannon``
+            (H(y, σ)); ``None``: Shannon for ``miadm`` (its loss (5)), collision otherwise. With the same
+            EM y-step, ``shannon`` isolates what the collision cross-entropy itself contributes.
         aug_weight: γ, weight of the augmented view's term (0 in fixed-feature mode).
         supervised_weight: w_sup of the cross-entropy on the labeled stream (weakly-supervised mode).
         miadm_lambda, migd_weight, imsat_lambda, imsat_mu, sela_lambda: the baselines' weights.
@@ -93,6 +96,7 @@ class Collision(Method):
         solver: Literal["em", "pgd", "argmax"] | None = None,
         pgd_iters: int = 50,
         pgd_step: float | None = None,
+        network_loss: Literal["collision", "shannon"] | None = None,
         aug_weight: float = 0.5,
         supervised_weight: float = 1.0,
         miadm_lambda: float = 1.3,
@@ -118,6 +122,7 @@ class Collision(Method):
         self.solver = solver or ("em" if loss == "collision" else "pgd")
         self.pgd_iters = pgd_iters
         self.pgd_step = pgd_step
+        self.network_loss = network_loss or ("shannon" if loss == "miadm" else "collision")
         self.aug_weight = aug_weight
         self.supervised_weight = supervised_weight
         self.miadm_lambda = miadm_lambda
@@ -251,8 +256,7 @@ class Collision(Method):
         global_logits = self.gather_global(logits_clean.detach())
         global_y, stats = self.solve_targets(global_logits)
         y = self._local_rows(global_y, logits_clean.shape[0])
-        # MIADM trains on the Shannon CE of its own loss (5); everything else on the collision CE.
-        network_loss = soft_cross_entropy if self.loss_name == "miadm" else collision_cross_entropy
+        network_loss = soft_cross_entropy if self.network_loss == "shannon" else collision_cross_entropy
         loss = network_loss(logits_clean, y)
         terms["clean_loss"] = loss.detach()
         if logits_aug is not None and self.aug_weight > 0:
