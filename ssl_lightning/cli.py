@@ -191,8 +191,8 @@ class SSLCLI(LightningCLI):
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
         assert self.run_dir is not None
         wall_time = time.time() - self._fit_started
-        last = self.run_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(last)
+        if not trainer.fast_dev_run:  # a smoke test leaves no checkpoint behind, as Lightning's own callbacks do
+            trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt")
         trainer.test(model, datamodule=datamodule, verbose=False)
         if trainer.is_global_zero:
             self.results_path = self._write_results(wall_time)
@@ -232,7 +232,8 @@ class SSLCLI(LightningCLI):
             },
             "devices": trainer.world_size,
             "precision": str(trainer.precision),
-            "ckpt_path": str(self.run_dir / "checkpoints" / "last.ckpt") if self.run_dir else None,
+            "ckpt_path": None if trainer.fast_dev_run or self.run_dir is None
+            else str(self.run_dir / "checkpoints" / "last.ckpt"),
         }
         # Files a run derived from its data and reuses (feature caches, drawn soft labels), by content hash.
         for key in ("feature_cache_sha256", "soft_labels_sha256", "soft_label_argmax_accuracy"):

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import EXPERIMENTS, REPO, experiment_config, read_results, run_cli, tiny_overrides
+from tests.helpers import (
+    EXPERIMENTS,
+    REPO,
+    SMOKE_EXPERIMENTS,
+    experiment_config,
+    read_results,
+    run_cli,
+    tiny_overrides,
+)
 
 RESULT_KEYS = {
     "experiment", "method", "dataset", "num_labels", "seed", "split_sha256", "git_commit", "global_step",
@@ -17,9 +25,20 @@ RESULT_KEYS = {
 }
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_has_a_fast_dev_run_representative() -> None:
+    covered = sorted(name for members in SMOKE_EXPERIMENTS.values() for name in members)
+    assert covered == EXPERIMENTS
+    # Only the label count may differ within a group (the smoke test sets its own).
+    assert SMOKE_EXPERIMENTS["fixmatch_cifar100_10000"] == [
+        "fixmatch_cifar100_10000", "fixmatch_cifar100_2500", "fixmatch_cifar100_400"]
+    assert len(SMOKE_EXPERIMENTS["collision_digits"]) == 1  # an unsupervised config is its own group
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE_EXPERIMENTS))
 def test_fast_dev_run_every_experiment(name: str, fixture_data: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """One step of training, evaluation and test for each config (one per group of configs that differ only
+    in their label count: see ``SMOKE_EXPERIMENTS``)."""
     code, results = run_cli(
         ["--config", str(REPO / "experiments" / f"{name}.yaml"), "--trainer.fast_dev_run=1",
          *tiny_overrides(name, fixture_data)],

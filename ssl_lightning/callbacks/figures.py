@@ -34,6 +34,11 @@ def confusion_matrix_figure(matrix: torch.Tensor, title: str = "test confusion m
     return figure
 
 
+def _wanted(trainer: Trainer) -> bool:
+    """Figures come from rank 0 after a real test pass; a ``fast_dev_run`` smoke test draws none."""
+    return trainer.is_global_zero and not trainer.fast_dev_run
+
+
 def _save_and_log(trainer: Trainer, figure: Any, name: str) -> None:
     """Write ``<name>.png`` into the run directory, log it to W&B as ``test/<name>`` if active, close it."""
     import matplotlib.pyplot as plt
@@ -54,7 +59,7 @@ class ConfusionMatrixFigure(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         matrix = getattr(pl_module, "confusion_matrix", None)
-        if matrix is None or not trainer.is_global_zero:
+        if matrix is None or not _wanted(trainer):
             return
         _save_and_log(trainer, confusion_matrix_figure(matrix), "confusion_matrix")
 
@@ -111,7 +116,7 @@ class ReliabilityDiagramFigure(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         bins = getattr(pl_module, "reliability", None)
-        if bins is None or not trainer.is_global_zero:
+        if bins is None or not _wanted(trainer):
             return
         _save_and_log(trainer, reliability_diagram_figure(bins), "reliability_diagram")
 
@@ -148,5 +153,5 @@ class CAMOverlayFigure(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         overlays = getattr(pl_module, "overlays", None)
-        if trainer.is_global_zero and overlays is not None:
+        if overlays is not None and _wanted(trainer):
             _save_and_log(trainer, cam_overlay_figure(overlays), "cam_overlays")

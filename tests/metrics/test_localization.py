@@ -487,3 +487,16 @@ def test_class_balance_metrics_validation() -> None:
         ClassBalanceMetrics(prior_from_counts([1, 1]), "ce", minority_classes=[2])
     with pytest.raises(ValueError, match="trained_with"):
         ClassBalanceMetrics(prior_from_counts([1, 1]), "focal")  # type: ignore[arg-type]
+
+
+def test_cam_overlay_figure_draws_maps_and_boxes() -> None:
+    from ssl_lightning.callbacks.figures import cam_overlay_figure
+
+    overlays = {
+        "images": torch.rand(3, 1, 16, 16), "maps": torch.rand(3, 16, 16),
+        "gt_boxes": torch.tensor([[1.0, 2.0, 8.0, 9.0]] * 3), "pred_boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0]] * 3),
+        "has_box": torch.tensor([True, False, True]), "threshold": torch.tensor(0.35),
+    }
+    figure = cam_overlay_figure(overlays, columns=2)
+    patches = [len(axis.patches) for axis in figure.axes]
+    assert patches[:3] == [2, 1, 2]  # the GT box always, the predicted box when there is one
