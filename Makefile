@@ -48,7 +48,7 @@ train: $(STAMP)
 	$(PY) -m ssl_lightning fit --config experiments/$(EXP).yaml $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist load --maxschedchunk=2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist load --maxschedchunk=2 --durations=25 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m ssl_lightning.bench

@@ -105,8 +105,7 @@ def _results_of(process: subprocess.Popen) -> Path:
 # FixMatch keeps no state beyond the EMA weights; InfoMatch's run covers everything its run would
 # (sharded global batch, augmentation seeds, loss normalisation, EMA, metric sync) plus synced state.
 @pytest.mark.ddp
-# Collision clustering solves its pseudo-labels on rank 0 from the gathered logits and broadcasts them.
-@pytest.mark.parametrize("experiment", [e for e in STATEFUL if e != "fixmatch_digits_40"] + ["collision_digits"])
+@pytest.mark.parametrize("experiment", [e for e in STATEFUL if e != "fixmatch_digits_40"])
 def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path: Path, experiment: str) -> None:
     """Same global batch (B=16, mu=3) on 1 process and on 2 gloo processes: same weights, EMA and
     method state (InfoMatch's self-adaptive thresholds are all-reduced over the global batch; SimMatch's

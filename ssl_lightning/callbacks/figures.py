@@ -36,7 +36,7 @@ def confusion_matrix_figure(matrix: torch.Tensor, title: str = "test confusion m
 
 def _wanted(trainer: Trainer) -> bool:
     """Figures come from rank 0 after a real test pass; a ``fast_dev_run`` smoke test draws none."""
-    return trainer.is_global_zero and not trainer.fast_dev_run
+    return trainer.is_global_zero and not getattr(trainer, "fast_dev_run", False)
 
 
 def _save_and_log(trainer: Trainer, figure: Any, name: str) -> None:
