@@ -48,10 +48,9 @@ from ssl_lightning.data.module import (
     SSLDataModule,
     array_sha256,
     npy_bytes,
-    write_bytes_atomic,
 )
 from ssl_lightning.data.sources import ArraySource, FeatureSource, ImageSource
-from ssl_lightning.data.splits import canonical_json
+from ssl_lightning.data.splits import canonical_json, write_bytes_atomic
 from ssl_lightning.data.views import IdentityView
 from ssl_lightning.nets import build_backbone
 from ssl_lightning.nets.pretrained import PretrainedWeightsError, sha256_of_file

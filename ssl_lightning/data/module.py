@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -43,6 +42,7 @@ from ssl_lightning.data.splits import (
     canonical_json,
     load_or_create_split,
     payload_sha256,
+    write_bytes_atomic,
 )
 from ssl_lightning.data.views import DerivedView, ViewConfig, build_view, build_views
 
@@ -133,21 +133,6 @@ class _LabelOverride(ImageSource):
 
 
 # ----- soft labels -------------------------------------------------------------------------------------
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file,
-    and concurrent writers of the same deterministic content simply replace each other's copy."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

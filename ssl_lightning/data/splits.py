@@ -437,15 +437,15 @@ def _load(path: Path, targets: np.ndarray, spec: SplitSpec, dataset: str) -> Spl
     return split
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Write-then-rename so a crash never leaves a half-written split, and concurrent ranks drawing the
-    # same deterministic split simply replace each other's identical file.
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file,
+    and concurrent writers of the same deterministic content simply replace each other's copy."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -463,5 +463,5 @@ def load_or_create_split(
         return _load(path, targets, spec, dataset)
     directory.mkdir(parents=True, exist_ok=True)
     payload = _draw_payload(targets, num_classes, spec, dataset)
-    _write_atomic(path, canonical_json(payload) + "\n")
+    write_bytes_atomic(path, (canonical_json(payload) + "\n").encode("ascii"))
     return _split_from_payload(payload, path=path)

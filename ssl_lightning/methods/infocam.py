@@ -100,10 +100,6 @@ class InfoCAM(Method):
         return "pcsoftmax" if self.loss_name == "pc_softmax" else "infocam"
 
     @property
-    def headline_metric(self) -> str:
-        return "acc"
-
-    @property
     def localizes(self) -> bool:
         datamodule = self._datamodule()
         return datamodule is not None and hasattr(datamodule, "eval_boxes")
