@@ -49,6 +49,30 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Overrides that say where and how a run executes, not what it trains: they are not part of its variant.
+BOOKKEEPING_KEYS = (
+    "seed_everything", "run_root", "experiment", "wandb_project", "data.data_dir", "data.num_workers",
+    "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
+    "trainer.strategy",
+)
+
+
+def experiment_overrides(argv: list[str]) -> list[str]:
+    """The command-line overrides that change what a run trains (``--model.lambda_u=2``), in ``--key=value``
+    form: ``argv`` without the subcommand, the ``--config`` files and the :data:`BOOKKEEPING_KEYS`."""
+    overrides: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if not token.startswith("--"):
+            continue  # the subcommand
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            value = next(tokens, "")
+        if key != "config" and key not in BOOKKEEPING_KEYS:
+            overrides.append(f"--{key}={value}")
+    return overrides
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -76,6 +100,7 @@ class SSLCLI(LightningCLI):
         self.run_dir: Path | None = None
         self.results_path: Path | None = None
         self._fit_started = 0.0
+        self.overrides = experiment_overrides(sys.argv[1:] if args is None else list(args))
         super().__init__(
             model_class=Method,
             datamodule_class=SSLDataModule,
@@ -125,8 +150,9 @@ class SSLCLI(LightningCLI):
     def _loggers(self) -> list[Logger]:
         assert self.run_dir is not None
         loggers: list[Logger] = [CSVLogger(save_dir=str(self.run_dir), name="logs", version="")]
-        # W&B is the default logger, offline unless the environment says otherwise.
-        os.environ.setdefault("WANDB_MODE", "offline")
+        # W&B is the default logger, offline unless the environment says otherwise; a run started by a sweep
+        # agent reports to its sweep, so it defaults to online.
+        os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_SWEEP_ID") else "offline")
         if os.environ["WANDB_MODE"] != "disabled":
             try:
                 from lightning.pytorch.loggers import WandbLogger
@@ -217,6 +243,7 @@ class SSLCLI(LightningCLI):
             "dataset": getattr(datamodule, "dataset_key", type(datamodule).__name__),
             "num_labels": None if split is None else int(len(split.labeled_indices)),
             "seed": self._subconfig().seed_everything,
+            "overrides": self.overrides,
             "split_sha256": None if split is None else split.sha256,
             "git_commit": git_commit(),
             "global_step": trainer.global_step,
@@ -264,6 +291,21 @@ def summarize_history(history: list[dict[str, float]], window: int = 20, metric:
 
 
 USER_ERRORS = (NonFiniteLossError, DatasetNotFoundError, SplitFileError, CheckpointError, PretrainedWeightsError)
+
+
+def train(experiment: str, *overrides: str, run_root: str | Path = "runs") -> Path:
+    """Train ``experiments/<experiment>.yaml`` in this process (notebooks, scripts) with LightningCLI
+    overrides such as ``"--trainer.max_steps=50"``; return the path of its ``results.json``."""
+    from ssl_lightning.runs import REPO_ROOT
+
+    config = REPO_ROOT / "experiments" / f"{experiment}.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"unknown experiment '{experiment}': {config} does not exist (`make experiments`)")
+    torch.set_float32_matmul_precision("high")
+    cli = SSLCLI(args=["fit", "--config", str(config), f"--run_root={run_root}", *overrides])
+    if cli.results_path is None:
+        raise RuntimeError(f"'{experiment}' wrote no results.json")
+    return cli.results_path
 
 
 def main(args: list[str] | None = None) -> int:

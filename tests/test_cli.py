@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_lightning.cli import BOOKKEEPING_KEYS, experiment_overrides
 from tests.helpers import (
     EXPERIMENTS,
     REPO,
@@ -21,8 +22,16 @@ from tests.helpers import (
 
 RESULT_KEYS = {
     "experiment", "method", "dataset", "num_labels", "seed", "split_sha256", "git_commit", "global_step",
-    "wall_time_s", "train_images_per_s", "test", "test_raw",
+    "wall_time_s", "train_images_per_s", "test", "test_raw", "overrides",
 }
+
+
+def test_results_record_the_overrides_that_change_what_is_trained() -> None:
+    argv = ["fit", "--config", "experiments/x.yaml", "--model.lambda_u=2", "--seed_everything", "3",
+            "--trainer.max_steps", "10", "--data.data_dir=/tmp/data", "--trainer.enable_progress_bar=false",
+            "--model.lr_multipliers={'backbone.head': 10.0}"]
+    assert experiment_overrides(argv) == [
+        "--model.lambda_u=2", "--trainer.max_steps=10", "--model.lr_multipliers={'backbone.head': 10.0}"]
 
 
 def test_every_experiment_has_a_fast_dev_run_representative() -> None:
@@ -49,6 +58,8 @@ def test_fast_dev_run_every_experiment(name: str, fixture_data: Path, tmp_path: 
     payload = read_results(results)
     assert payload.keys() >= RESULT_KEYS
     assert payload["experiment"] == name and payload["global_step"] == 1
+    assert payload["overrides"] == ["--trainer.fast_dev_run=1", *(
+        o for o in tiny_overrides(name, fixture_data) if o.split("=", 1)[0][2:] not in BOOKKEEPING_KEYS)]
     assert 0.0 <= payload["test"]["acc"] <= 1.0 and "acc" in payload["test_raw"]
     assert results.parent.parent.name == name and results.parent.name.endswith(f"-{payload['seed']}")
     assert (results.parent / "config.yaml").is_file()
