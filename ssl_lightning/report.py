@@ -250,6 +250,7 @@ class Group:
     variant: str
     runs: list[Run]
     max_steps: int | None = None
+    superseded: int = 0  # older runs of a seed that a newer run of the same seed replaced
     _stats: dict[tuple[str, str], Stat] = field(default_factory=dict, repr=False)
 
     @property
@@ -267,10 +268,6 @@ class Group:
     @property
     def seeds(self) -> list[Any]:
         return sorted((run.seed for run in self.runs), key=lambda seed: (seed is None, str(seed).zfill(12)))
-
-    @property
-    def duplicate_seeds(self) -> bool:
-        return len(set(self.seeds)) < len(self.seeds)
 
     @property
     def steps(self) -> list[int]:
@@ -307,9 +304,18 @@ class Group:
         notes = []
         if self.short_schedule:
             notes.append(f"short schedule ({self.steps_text} of {self.max_steps} steps)")
-        if self.duplicate_seeds:
-            notes.append("duplicate seeds")
+        if self.superseded:
+            notes.append(f"{self.superseded} older run(s) of the same seeds left out")
         return notes
+
+
+def latest_per_seed(runs: Sequence[Run]) -> list[Run]:
+    """The newest run of each seed (run directories are named ``<timestamp>-<seed>``): a seed counts once in a
+    mean, and a re-run (after a fix, or at a newer commit) replaces the run it repeats."""
+    latest: dict[Any, Run] = {}
+    for run in sorted(runs, key=lambda run: run.path.parent.name):
+        latest[run.seed] = run
+    return list(latest.values())
 
 
 def group_runs(runs: Sequence[Run], experiments_dir: str | Path = EXPERIMENTS_DIR) -> list[Group]:
@@ -318,8 +324,10 @@ def group_runs(runs: Sequence[Run], experiments_dir: str | Path = EXPERIMENTS_DI
     for run in runs:
         grouped.setdefault((run.experiment, run.variant), []).append(run)
     max_steps = {experiment: experiment_max_steps(experiments_dir, experiment) for experiment, _ in grouped}
-    groups = [Group(experiment, variant, members, max_steps[experiment])
-              for (experiment, variant), members in grouped.items()]
+    groups = []
+    for (experiment, variant), members in grouped.items():
+        latest = latest_per_seed(members)
+        groups.append(Group(experiment, variant, latest, max_steps[experiment], len(members) - len(latest)))
     return sorted(groups, key=lambda group: (group.method, group.experiment, group.variant))
 
 

@@ -114,14 +114,17 @@ def test_short_schedule_is_flagged(tmp_path: Path) -> None:
     assert f"short schedule (100 of {full} steps)" in files.markdown.read_text()
 
 
-def test_duplicate_seeds_and_disagreeing_steps_are_noted(tmp_path: Path) -> None:
+def test_a_rerun_of_a_seed_replaces_the_older_run(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_run(runs, DEMO, 0, 0.90, step=500)
     write_run(runs, DEMO, 0, 0.92, stamp="20260102-000000")
+    write_run(runs, DEMO, 1, 0.96)
     (group,) = run_report(tmp_path).groups
-    assert group.duplicate_seeds and group.seeds == [0, 0]
-    assert group.steps_text == f"500–{max_steps(DEMO)}"
-    assert "duplicate seeds" in group.notes() and group.short_schedule
+    assert group.seeds == [0, 1] and group.superseded == 1
+    stat = group.stat("test", "acc")
+    assert stat.n == 2 and abs(stat.mean - 0.94) < 1e-12  # the newer seed-0 run (0.92) and seed 1 (0.96)
+    assert not group.short_schedule  # the 500-step run was replaced
+    assert "1 older run(s) of the same seeds left out" in group.notes()
 
 
 def test_reference_join_and_unreproduced_references(tmp_path: Path) -> None:
