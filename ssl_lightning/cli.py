@@ -188,7 +188,11 @@ class SSLCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         datamodule = self.datamodule
-        has_val = "val" in getattr(datamodule, "eval_streams", [])
+        # Checkpoints are ours (RunCheckpoints, and a best-val ModelCheckpoint when there is a val split):
+        # without one, Lightning would add its default ModelCheckpoint, a second copy of last.ckpt in logs/.
+        checkpointing = config.get("enable_checkpointing") is not False
+        has_val = checkpointing and "val" in getattr(datamodule, "eval_streams", [])
+        config["enable_checkpointing"] = has_val
         callbacks = list(callbacks) + self._callbacks(has_val, getattr(self.model, "headline_metric", "acc"))
         if config.get("logger") in (None, True):
             config["logger"] = self._loggers()
@@ -302,7 +306,13 @@ def train(experiment: str, *overrides: str, run_root: str | Path = "runs") -> Pa
     if not config.is_file():
         raise FileNotFoundError(f"unknown experiment '{experiment}': {config} does not exist (`make experiments`)")
     torch.set_float32_matmul_precision("high")
-    cli = SSLCLI(args=["fit", "--config", str(config), f"--run_root={run_root}", *overrides])
+    # The arguments are the ones given here: a Jupyter kernel's own command line (-f <connection file>) is not
+    # ours, and LightningCLI would warn that it ignores it.
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        cli = SSLCLI(args=["fit", "--config", str(config), f"--run_root={run_root}", *overrides])
+    finally:
+        sys.argv = argv
     if cli.results_path is None:
         raise RuntimeError(f"'{experiment}' wrote no results.json")
     return cli.results_path

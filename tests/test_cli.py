@@ -160,6 +160,20 @@ def test_default_wandb_logger_runs_offline_and_results_path_is_last(
     # The test figures of the EMA weights sit next to results.json.
     assert (results.parent / "confusion_matrix.png").stat().st_size > 0
     assert (results.parent / "reliability_diagram.png").stat().st_size > 0
+    # One checkpoint, ours: Lightning's default ModelCheckpoint would add a copy under logs/.
+    assert [p.relative_to(results.parent) for p in results.parent.rglob("*.ckpt")] == [Path("checkpoints/last.ckpt")]
+
+
+def test_a_validation_split_adds_the_best_val_checkpoint(tmp_path: Path) -> None:
+    code, results = run_cli(
+        ["--config", str(REPO / "experiments/supervised_digits_40.yaml"), "--trainer.max_steps=4",
+         "--trainer.val_check_interval=2", "--data.val_size=50", "--trainer.enable_progress_bar=false",
+         f"--data.data_dir={tmp_path}"],
+        tmp_path,
+    )
+    assert code == 0 and results is not None
+    checkpoints = sorted(str(p.relative_to(results.parent)) for p in results.parent.rglob("*.ckpt"))
+    assert checkpoints == ["checkpoints/best-val-acc.ckpt", "checkpoints/last.ckpt"]
 
 
 def _vit_configs() -> dict[str, str]:

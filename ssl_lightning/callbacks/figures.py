@@ -1,5 +1,8 @@
 """Figures written next to the results: the test confusion matrix, the test reliability diagram and, for
-localisation models, the infoCAM overlays."""
+localisation models, the infoCAM overlays.
+
+They are built as ``matplotlib.figure.Figure`` objects, without pyplot: no backend is switched and no global
+figure state is touched, so training inside a notebook leaves its inline plots working."""
 
 from __future__ import annotations
 
@@ -11,15 +14,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 def confusion_matrix_figure(matrix: torch.Tensor, title: str = "test confusion matrix (EMA weights)"):  # noqa: ANN201
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     counts = matrix.float()
     row_normalised = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
     size = min(12.0, 2.0 + 0.4 * counts.shape[0])
-    figure, axis = plt.subplots(figsize=(size, size))
+    figure = Figure(figsize=(size, size))
+    axis = figure.subplots()
     image = axis.imshow(row_normalised.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
     axis.set_xlabel("predicted class")
     axis.set_ylabel("true class")
@@ -40,9 +41,7 @@ def _wanted(trainer: Trainer) -> bool:
 
 
 def _save_and_log(trainer: Trainer, figure: Any, name: str) -> None:
-    """Write ``<name>.png`` into the run directory, log it to W&B as ``test/<name>`` if active, close it."""
-    import matplotlib.pyplot as plt
-
+    """Write ``<name>.png`` into the run directory and log it to W&B as ``test/<name>`` if active."""
     path = Path(trainer.default_root_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
@@ -51,7 +50,6 @@ def _save_and_log(trainer: Trainer, figure: Any, name: str) -> None:
             import wandb
 
             logger.experiment.log({f"test/{name}": wandb.Image(figure)})
-    plt.close(figure)
 
 
 class ConfusionMatrixFigure(Callback):
@@ -71,10 +69,7 @@ def reliability_diagram_figure(  # noqa: ANN201
 
     ``bins`` is what ``ReliabilityBins.compute()`` returns.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     count = bins["count"].detach().cpu().double()
     confidence = bins["confidence"].detach().cpu().double()
@@ -85,9 +80,8 @@ def reliability_diagram_figure(  # noqa: ANN201
     centres = (torch.arange(n_bins, dtype=torch.float64) + 0.5) * width
     occupied = count > 0
 
-    figure, (axis, histogram) = plt.subplots(
-        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
+    figure = Figure(figsize=(5.5, 6.5))
+    axis, histogram = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     axis.bar(centres[occupied].numpy(), accuracy[occupied].numpy(), width=width, color="tab:blue",
              edgecolor="black", linewidth=0.5, label="accuracy")
     # The gap is drawn between accuracy and mean confidence, so over- and under-confidence both show as the
@@ -123,13 +117,14 @@ class ReliabilityDiagramFigure(Callback):
 
 def cam_overlay_figure(overlays: dict[str, torch.Tensor], columns: int = 8):  # noqa: ANN201
     """A grid of test images with the infoCAM map on top, the GT box (green) and the predicted box (red)."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     images, maps = overlays["images"], overlays["maps"]
     n = images.shape[0]
     rows = max(1, -(-n // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows), squeeze=False)
+    figure = Figure(figsize=(1.6 * columns, 1.6 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for index, axis in enumerate(axes.flat):
         axis.axis("off")
         if index >= n:
