@@ -212,3 +212,20 @@ def test_missing_pretrained_file_is_a_clear_error(tmp_path: Path, capsys: pytest
     assert code == 1 and results is None
     assert "pretrained weights file not found" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_training_values_are_written_at_every_logging_step(tmp_path: Path) -> None:
+    """Per-step values are only handed to Lightning on the steps it writes (its per-call bookkeeping is slow);
+    every written step must still carry all of them."""
+    from ssl_lightning.runs import read_metrics
+
+    code, results = run_cli(
+        ["--config", str(REPO / "experiments/fixmatch_digits_40.yaml"), "--trainer.max_steps=9",
+         "--trainer.log_every_n_steps=3", "--trainer.enable_progress_bar=false", f"--data.data_dir={tmp_path}"],
+        tmp_path,
+    )
+    assert code == 0 and results is not None
+    metrics = read_metrics(results.parent)
+    for name in ("train/loss", "train/lr", "train/mask_rate", "train/pseudo_label_count/0"):
+        assert metrics[name].steps.tolist() == [2, 5, 8], name
+    assert metrics["train/images_per_s"].steps.tolist() == [8]  # after its 5 warm-up steps

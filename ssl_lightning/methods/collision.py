@@ -300,7 +300,7 @@ class Collision(Method):
                     "train/solver_ms": torch.tensor(stats.wall_ms),
                 })
         # Rank 0 alone has the solver's statistics; every other value is identical on all ranks.
-        self.log_dict({k: v.to(self.device) for k, v in values.items()}, batch_size=y.shape[0], rank_zero_only=True)
+        self.log_train({k: v.to(self.device) for k, v in values.items()}, batch_size=y.shape[0], rank_zero_only=True)
 
     # ----- evaluation ------------------------------------------------------------------------------
     def _metrics(self, stream: str, weights: str):  # noqa: ANN202

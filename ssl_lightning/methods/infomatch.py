@@ -148,7 +148,7 @@ class InfoMatch(Method):
             + self.w_mi * view_agreement
         )
         self.log_pseudo_labels(pseudo_labels, pseudo_label_mask, unlabeled.targets)
-        self.log_dict(
+        self.log_train(
             {
                 "train/sat_global_threshold": self.pseudo_labeler.global_threshold,
                 "train/sat_min_class_threshold": self.pseudo_labeler.class_thresholds().min(),

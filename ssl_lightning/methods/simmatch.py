@@ -272,7 +272,7 @@ class SimMatch(Method):
             }
             if aggregated is not None:
                 stats["train/propagation_agreement"] = (aggregated.argmax(dim=1) == pseudo_labels).float().mean()
-        self.log_dict(stats, batch_size=pseudo_labels.shape[0])
+        self.log_train(stats, batch_size=pseudo_labels.shape[0])
         if self.global_step == self.instance_warmup_steps and self.bank.visited_fraction() < 1.0:
             warnings.warn(
                 f"SimMatch: only {float(self.bank.visited_fraction()):.1%} of the bank's slots were written "

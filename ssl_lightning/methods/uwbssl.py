@@ -217,4 +217,4 @@ class UWBSSL(Method):
             if self.alignment is not None:
                 mean = self.alignment.mean_prediction
                 stats["train/da_mean_entropy"] = -(mean * mean.clamp_min(1e-12).log()).sum()
-        self.log_dict(stats, batch_size=gate.shape[0])
+        self.log_train(stats, batch_size=gate.shape[0])
