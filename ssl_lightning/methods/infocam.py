@@ -265,10 +265,3 @@ class InfoCAM(Method):
         streams = getattr(self._datamodule(), "eval_streams", ["val", "test"])
         for stream in streams:
             self._log_stream("test_monitor" if stream == "test" else stream)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_stream("test")
-        self.confusion_matrix = self.test_confusion.compute().cpu()
-        self.test_confusion.reset()
-        self.reliability = {k: v.cpu() for k, v in self.test_reliability.compute().items()}
-        self.test_reliability.reset()
