@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_lightning.cli import BOOKKEEPING_KEYS, experiment_overrides
+from ssl_lightning.cli import BOOKKEEPING_KEYS, SSLCLI, experiment_overrides
 from tests.helpers import (
     EXPERIMENTS,
     REPO,
@@ -37,17 +37,28 @@ def test_results_record_the_overrides_that_change_what_is_trained() -> None:
 def test_every_experiment_has_a_fast_dev_run_representative() -> None:
     covered = sorted(name for members in SMOKE_EXPERIMENTS.values() for name in members)
     assert covered == EXPERIMENTS
-    # Only the label count may differ within a group (the smoke test sets its own).
+    # A group shares method, DataModule and backbone (the smoke test sets its own label count).
     assert SMOKE_EXPERIMENTS["fixmatch_cifar100_10000"] == [
         "fixmatch_cifar100_10000", "fixmatch_cifar100_2500", "fixmatch_cifar100_400"]
     assert len(SMOKE_EXPERIMENTS["collision_digits"]) == 1  # an unsupervised config is its own group
+    # Unsupervised and weakly supervised clustering run different streams: separate groups.
+    assert "collision_cifar10_vgg4_2500" not in SMOKE_EXPERIMENTS["collision_cifar10_vgg4"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_config_instantiates(name: str, fixture_data: Path) -> None:
+    """Every config (not only the fast_dev_run representatives) parses with no unknown key and builds its
+    model, DataModule and Trainer."""
+    cli = SSLCLI(args=["--config", str(REPO / "experiments" / f"{name}.yaml"), *tiny_overrides(name, fixture_data)],
+                 run=False)
+    assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
 
 
 @pytest.mark.parametrize("name", sorted(SMOKE_EXPERIMENTS))
 def test_fast_dev_run_every_experiment(name: str, fixture_data: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """One step of training, evaluation and test for each config (one per group of configs that differ only
-    in their label count: see ``SMOKE_EXPERIMENTS``)."""
+    """One step of training, evaluation and test, one per group of configs with the same method, DataModule,
+    backbone and labeled-or-not (see ``SMOKE_EXPERIMENTS``)."""
     code, results = run_cli(
         ["--config", str(REPO / "experiments" / f"{name}.yaml"), "--trainer.fast_dev_run=1",
          *tiny_overrides(name, fixture_data)],
